@@ -1,0 +1,124 @@
+"""The ``afdserve`` command: generate, make-tiny, plan, simulate, profile, serve, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from afdserve.config import ConfigError
+from afdserve.core import InvalidRequest
+
+DEFAULT_TINY_FAMILY = "qwen3_moe"
+
+
+def default_model_dir() -> str:
+    """The built-in tiny model, written on first use under ~/.cache/afdserve."""
+    from afdserve.tiny import make_tiny
+
+    root = os.environ.get("AFDSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "afdserve"))
+    path = os.path.join(root, f"tiny-{DEFAULT_TINY_FAMILY}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        make_tiny(DEFAULT_TINY_FAMILY, path)
+    return path
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine and parallel options, vLLM's spelling where vLLM has one."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--attn-groups", type=int, default=1, help="attention replicas (data parallel)")
+    p.add_argument("--attn-tp", type=int, default=1, help="tensor parallel size inside an attention group")
+    p.add_argument("--expert-groups", type=int, default=1, help="expert-parallel groups")
+    p.add_argument("--expert-tp", type=int, default=1, help="tensor parallel size inside an expert group")
+    p.add_argument("--micro-batches", type=int, default=1, help="ping-pong micro-batches m (1..4)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(device=args.device, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                kv_cache_memory_gb=args.kv_cache_memory_gb, attn_groups=args.attn_groups,
+                attn_tp=args.attn_tp, expert_groups=args.expert_groups, expert_tp=args.expert_tp,
+                micro_batches=args.micro_batches)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from afdserve import LLM, SamplingParams
+
+    model = args.model or default_model_dir()
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    with LLM(model, show_progress=True, **engine_kwargs(args)) as llm:
+        for prompt in args.prompt:
+            out = llm.generate(prompt, params)[0].outputs[0]
+            print(f"prompt: {prompt!r}\noutput: {out.text!r}\ntokens: {out.token_ids} ({out.finish_reason})")
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from afdserve.tiny import make_tiny
+
+    print(make_tiny(args.family, args.out, seed=args.seed, shards=args.shards))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="afdserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text offline")
+    g.add_argument("--model", default=None, help="Hugging Face model directory (default: built-in tiny model)")
+    g.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    add_engine_args(g)
+    g.set_defaults(func=cmd_generate, prompt_default=["Hello, world"])
+
+    t = sub.add_parser("make-tiny", help="write a tiny random checkpoint with a tokenizer")
+    t.add_argument("--family", required=True, choices=["mixtral", "qwen3_moe", "qwen2_moe"])
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--shards", type=int, default=1)
+    t.set_defaults(func=cmd_make_tiny)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub) -> None:
+    """Sub-commands of packages that register themselves (planner, server, bench)."""
+    import importlib
+
+    for module in ("afdserve.planner.cli", "afdserve.server.cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                continue
+            raise
+        mod.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "prompt", "") is None:
+        args.prompt = args.prompt_default
+    try:
+        return args.func(args)
+    except (ConfigError, InvalidRequest) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Builds the single-process engine from an EngineConfig: weights, KV cache, scheduler."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from afdserve.config import ConfigError, EngineConfig
+from afdserve.engine import Engine
+from afdserve.kv_cache import allocate_kv_cache, blocks_needed, kv_bytes_per_block
+from afdserve.models.loader import Checkpoint
+from afdserve.models.moe_model import AttentionModel, ExpertModel
+from afdserve.runner import SerialExecutor
+from afdserve.scheduler import Scheduler
+from afdserve.tokenizer import eos_token_ids, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def num_kv_blocks(cfg: EngineConfig, kv_heads: int) -> int:
+    """Blocks from the memory budget, capped at what max_num_seqs full contexts can use."""
+    bs = cfg.cache.block_size
+    if cfg.cache.num_blocks is not None:
+        return cfg.cache.num_blocks
+    per_block = kv_bytes_per_block(cfg.model_config.num_layers, bs, kv_heads,
+                                   cfg.model_config.head_dim, torch_dtype(cfg.dtype))
+    by_memory = int(cfg.cache.kv_cache_memory_gb * 2**30) // per_block
+    useful = cfg.scheduler.max_num_seqs * blocks_needed(cfg.max_model_len, bs)
+    n = min(by_memory, useful)
+    if n < blocks_needed(cfg.max_model_len, bs):
+        raise ConfigError(f"the KV cache ({n} blocks of {bs} tokens) cannot hold one sequence of "
+                          f"max_model_len={cfg.max_model_len}; raise kv_cache_memory_gb or lower max_model_len")
+    return n
+
+
+def load_progress(total: int, desc: str, enabled: bool = True):
+    return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, leave=False)
+
+
+def build_local_engine(cfg: EngineConfig, show_progress: bool = False) -> Engine:
+    """Attention and all experts in this process (the serial reference of AFD)."""
+    mc, device = cfg.model_config, torch.device(cfg.device)
+    tokenizer = load_tokenizer(cfg.model)
+    ckpt = Checkpoint(cfg.model, torch_dtype(cfg.dtype), device)
+    with load_progress(2 * mc.num_layers, "loading weights", show_progress) as bar:
+        attn = AttentionModel(mc, ckpt, on_tensor=lambda: bar.update(1))
+        experts = ExpertModel(mc, ckpt, range(mc.num_experts), on_tensor=lambda: bar.update(1))
+    ckpt.close()
+    blocks = num_kv_blocks(cfg, mc.num_kv_heads)
+    kv = allocate_kv_cache(mc.num_layers, blocks, cfg.cache.block_size, mc.num_kv_heads, mc.head_dim,
+                           torch_dtype(cfg.dtype), device)
+    sched = Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, blocks,
+                      cfg.cache.block_size, micro_batches=1)
+    return Engine(attn, SerialExecutor(attn, experts, kv), sched, cfg.max_model_len, tokenizer,
+                  eos_token_ids(cfg.model, mc, tokenizer), device=device, seed=cfg.seed)

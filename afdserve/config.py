@@ -1,0 +1,191 @@
+"""One config tree, built once (CLI or ``LLM(...)``) and passed down.
+
+ModelConfig is read from a Hugging Face ``config.json``; the others hold engine knobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+# architecture name in config.json -> our family name
+SUPPORTED_ARCHITECTURES = {
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+}
+
+
+class ConfigError(ValueError):
+    """A checkpoint or option that cannot be served, with a message saying why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool
+    qk_norm: bool
+    qkv_bias: bool
+    shared_expert_intermediate_size: int  # 0: no shared expert
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_kv_heads}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok={self.top_k} must be in 1..{self.num_experts}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @staticmethod
+    def from_dir(model_dir: str) -> ModelConfig:
+        path = os.path.join(model_dir, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"no config.json in {model_dir!r}: expected a Hugging Face model directory")
+        with open(path) as f:
+            return ModelConfig.from_hf_dict(json.load(f))
+
+    @staticmethod
+    def from_hf_dict(hf: dict) -> ModelConfig:
+        arch = (hf.get("architectures") or ["<none>"])[0]
+        family = SUPPORTED_ARCHITECTURES.get(arch)
+        if family is None:
+            raise ConfigError(f"unsupported architecture {arch!r}; supported: "
+                              f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+        _check_all_layers_sparse(hf)
+        heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id")
+        return ModelConfig(
+            family=family,
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            num_experts=hf["num_local_experts"] if family == "mixtral" else hf["num_experts"],
+            top_k=hf["num_experts_per_tok"],
+            moe_intermediate_size=hf["intermediate_size"] if family == "mixtral" else hf["moe_intermediate_size"],
+            norm_topk_prob=True if family == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+            qk_norm=family == "qwen3_moe",
+            qkv_bias=bool(hf.get("qkv_bias", True) if family == "qwen2_moe" else hf.get("attention_bias", False)),
+            shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe"
+            else 0,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(hf),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            bos_token_id=hf.get("bos_token_id"),
+        )
+
+
+def _rope_theta(hf: dict) -> float:
+    """Plain RoPE only: old configs say rope_theta, new ones rope_parameters."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"unsupported RoPE scaling {rope_type!r}; only plain RoPE is supported")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _check_all_layers_sparse(hf: dict) -> None:
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise ConfigError("dense (non-MoE) layers are not supported: mlp_only_layers must be empty "
+                          "and decoder_sparse_step 1")
+    if hf.get("use_sliding_window") or (hf.get("architectures", [""])[0] == "MixtralForCausalLM"
+                                        and hf.get("sliding_window") is not None):
+        raise ConfigError("sliding-window attention is not supported")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: derived from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # token budget of one step (chunked prefill splits longer prompts)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    attn_groups: int = 1
+    attn_tp: int = 1
+    expert_groups: int = 1
+    expert_tp: int = 1
+    micro_batches: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("attn_groups", "attn_tp", "expert_groups", "expert_tp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.micro_batches <= 4:
+            raise ConfigError(f"micro_batches must be in 1..4, got {self.micro_batches}")
+
+    @property
+    def disaggregated(self) -> bool:
+        sizes = (self.attn_groups, self.attn_tp, self.expert_groups, self.expert_tp, self.micro_batches)
+        return sizes != (1, 1, 1, 1, 1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    model_config: ModelConfig
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        if self.scheduler.max_model_len is None:
+            return limit
+        if self.scheduler.max_model_len > limit:
+            raise ConfigError(f"max_model_len={self.scheduler.max_model_len} exceeds the model's "
+                              f"max_position_embeddings={limit}")
+        return self.scheduler.max_model_len

@@ -1,0 +1,95 @@
+"""One attention replica's engine: ``schedule -> run -> update``.
+
+The engine owns the requests, the scheduler and the sampler; an executor runs the layers
+(in-process experts, or the ping-pong pipeline to remote expert groups)."""
+
+from __future__ import annotations
+
+import torch
+
+from afdserve.core import InvalidRequest, Request, SamplingParams
+from afdserve.kv_cache import blocks_needed
+from afdserve.output import append_token
+from afdserve.runner import Executor, prepare, sample_logits
+from afdserve.sampler import sample
+from afdserve.scheduler import Scheduler
+
+
+class Engine:
+    def __init__(self, attn, executor: Executor, scheduler: Scheduler, max_model_len: int,
+                 tokenizer, eos_ids: set[int], device: str | torch.device = "cpu", seed: int = 0):
+        self.attn, self.executor, self.scheduler = attn, executor, scheduler
+        self.max_model_len, self.tokenizer, self.eos_ids = max_model_len, tokenizer, eos_ids
+        self.device = device
+        self.vocab_size = attn.cfg.vocab_size
+        self.requests: dict[str, Request] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_steps = 0
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None, arrival_time: float = 0.0) -> Request:
+        """Validate and queue a request; raises InvalidRequest (nothing is queued) on bad input."""
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
+        self._validate(prompt_token_ids, params)
+        total = self.max_model_len
+        if params.max_tokens is not None:
+            total = min(total, len(prompt_token_ids) + params.max_tokens)
+        if blocks_needed(total, self.scheduler.block_size) > self.scheduler.blocks.num_blocks:
+            raise InvalidRequest(f"the request needs up to {total} tokens of KV cache, more than the whole "
+                                 f"cache holds ({self.scheduler.blocks.num_blocks * self.scheduler.block_size} "
+                                 f"tokens); lower max_tokens or the prompt length", param="max_tokens")
+        req = Request(request_id, list(prompt_token_ids), params, arrival_time=arrival_time,
+                      max_total_tokens=total, prompt=prompt)
+        if params.seed is not None:
+            req.generator = torch.Generator().manual_seed(params.seed)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise InvalidRequest("the prompt must contain at least one token", param="prompt")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is out of the vocabulary (0..{self.vocab_size - 1})",
+                                 param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens, but this model's maximum context "
+                                 f"length is {self.max_model_len} tokens (prompt plus at least one "
+                                 f"generated token)", param="prompt")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"stop token id {bad[0]} is out of the vocabulary (0..{self.vocab_size - 1})",
+                                 param="stop_token_ids")
+
+    def abort_request(self, request_id: str) -> Request | None:
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.finished:
+            self.scheduler.finish(req, "abort")
+        return req
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Request]:
+        """Run one step; returns the requests that got a token (finished ones included)."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        inputs = [prepare(mb, self.scheduler.block_size, self.device) for mb in plan.micro_batches]
+        hidden = self.executor.run(inputs)
+        return self.update(plan, sample_logits(self.attn, inputs, hidden))
+
+    def update(self, plan, logits_SV: torch.Tensor) -> list[Request]:
+        self.num_steps += 1
+        for c in plan.chunks:
+            c.request.num_computed += c.num_new
+        sampling = [c.request for c in plan.chunks if c.samples]
+        tokens, logprobs = sample(logits_SV, sampling, self.generator)
+        for req, token, lp in zip(sampling, tokens, logprobs):
+            reason = append_token(req, token, lp, self.tokenizer, self.eos_ids, self.max_model_len)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                self.requests.pop(req.request_id, None)
+        return sampling

@@ -1,0 +1,60 @@
+"""Paged causal attention over a block KV cache, plain torch (CPU path and GPU reference).
+Legend: T tokens, H query heads, G kv heads, Hd head dim, NB blocks, BS block size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttnMeta:
+    """Where a batch's tokens sit. Tokens of one sequence are contiguous in the batch.
+
+    ``q_lens[i]`` new tokens of sequence i are computed; its context after this step holds
+    ``ctx_lens[i]`` tokens whose KV lives in blocks ``block_tables[i]``.
+    """
+
+    positions_T: torch.Tensor  # int64
+    slot_mapping_T: torch.Tensor  # int64: block_id * BS + offset of each new token
+    q_lens: list[int]
+    ctx_lens: list[int]
+    block_tables: list[list[int]]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions_T.numel())
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_TGHd: torch.Tensor,
+             v_TGHd: torch.Tensor, slot_mapping_T: torch.Tensor) -> None:
+    """Store the new tokens' keys/values; caches are [NB, BS, G, Hd]."""
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping_T] = k_TGHd
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping_T] = v_TGHd
+
+
+def paged_attention(q_THHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttnMeta, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached context."""
+    out_THHd = torch.empty_like(q_THHd)
+    start = 0
+    for q_len, ctx_len, table in zip(meta.q_lens, meta.ctx_lens, meta.block_tables):
+        q_HQHd = q_THHd[start:start + q_len].transpose(0, 1)
+        k_HCHd, v_HCHd = (_gather(c, table, ctx_len, q_THHd.shape[1]) for c in (k_cache, v_cache))
+        # query j sits at position ctx_len - q_len + j and sees keys 0..that position
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q_THHd.device)
+        mask_QC = torch.arange(ctx_len, device=q_THHd.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(q_HQHd, k_HCHd, v_HCHd, attn_mask=mask_QC, scale=scale)
+        out_THHd[start:start + q_len] = o.transpose(0, 1)
+        start += q_len
+    return out_THHd
+
+
+def _gather(cache: torch.Tensor, table: list[int], ctx_len: int, num_heads: int) -> torch.Tensor:
+    """A sequence's first ctx_len cached rows as [H, C, Hd], kv heads repeated for GQA."""
+    block_size = cache.shape[1]
+    blocks = torch.tensor(table[: (ctx_len + block_size - 1) // block_size], device=cache.device)
+    rows_CGHd = cache[blocks].flatten(0, 1)[:ctx_len]
+    return rows_CGHd.repeat_interleave(num_heads // cache.shape[2], dim=1).transpose(0, 1)

@@ -1,0 +1,85 @@
+"""Offline API as vLLM users know it: ``LLM(model=...).generate(prompts, SamplingParams())``."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+from afdserve.build import build_local_engine
+from afdserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from afdserve.core import InvalidRequest, RequestOutput, SamplingParams
+from afdserve.output import group_output
+
+
+class LLM:
+    """A model ready to generate. Use as a context manager or call ``shutdown()``."""
+
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                 max_model_len: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_memory_gb: float = 1.0,
+                 attn_groups: int = 1, attn_tp: int = 1, expert_groups: int = 1, expert_tp: int = 1,
+                 micro_batches: int = 1, show_progress: bool = False):
+        self.config = EngineConfig(
+            model=model, model_config=ModelConfig.from_dir(model), device=device, dtype=dtype, seed=seed,
+            cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+            parallel=ParallelConfig(attn_groups, attn_tp, expert_groups, expert_tp, micro_batches))
+        self.config.max_model_len  # noqa: B018 -- validates max_model_len now, not at the first request
+        self.engine = build_local_engine(self.config, show_progress)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs in prompt order."""
+        prompts = _as_prompt_list(prompts)
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequest(f"{len(params)} sampling params for {len(prompts)} prompts",
+                                 param="sampling_params")
+        groups = []
+        try:
+            for prompt, p in zip(prompts, params):
+                groups.append(self._add(prompt, p))
+            while self.engine.has_unfinished():
+                self.engine.step()
+        except BaseException:
+            for rid, _ in groups:
+                for i in range(len(_)):
+                    self.engine.abort_request(f"{rid}#{i}")
+            raise
+        return [group_output(rid, children) for rid, children in groups]
+
+    def _add(self, prompt: str | list[int], p: SamplingParams):
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        rid = str(next(self._ids))
+        children = []
+        try:
+            for i in range(p.n):
+                child_p = p if p.seed is None or i == 0 else replace(p, seed=p.seed + i)
+                children.append(self.engine.add_request(f"{rid}#{i}", ids, child_p, prompt=text))
+        except InvalidRequest:
+            for c in children:
+                self.engine.abort_request(c.request_id)
+            raise
+        return rid, children
+
+    def shutdown(self) -> None:
+        self.engine = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _as_prompt_list(prompts) -> list[str | list[int]]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    return list(prompts)

@@ -1,0 +1,62 @@
+"""After a token is sampled: detokenize, check the stop conditions, build the outputs."""
+
+from __future__ import annotations
+
+from afdserve.core import CompletionOutput, Request, RequestOutput
+
+
+def append_token(req: Request, token: int, logprobs: dict[int, float] | None, tokenizer,
+                 eos_ids: set[int], max_model_len: int) -> str | None:
+    """Add a sampled token; return the finish reason ("stop"/"length") or None."""
+    req.output_token_ids.append(token)
+    if logprobs is not None:
+        req.output_logprobs.append(logprobs)
+    p, n = req.params, len(req.output_token_ids)
+    reason = None
+    if n >= p.min_tokens:
+        if token in p.stop_token_ids:
+            reason, req.stop_reason = "stop", token
+        elif not p.ignore_eos and token in eos_ids:
+            reason = "stop"
+    if tokenizer is not None:
+        reason = _update_text(req, tokenizer) or reason
+    if reason is None and (n >= req.max_total_tokens - req.num_prompt_tokens or req.num_tokens >= max_model_len):
+        reason = "length"
+    return reason
+
+
+def _update_text(req: Request, tokenizer) -> str | None:
+    """Decode the output so far; on a stop string, cut the text there and return "stop"."""
+    p = req.params
+    old_len = len(req.output_text)
+    text = tokenizer.decode(req.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+    req.output_text = text
+    if not p.stop or len(req.output_token_ids) < p.min_tokens:
+        return None
+    search_from = max(0, old_len - max(len(s) for s in p.stop) + 1)
+    hits = [(i, s) for s in p.stop if (i := text.find(s, search_from)) >= 0]
+    if not hits:
+        return None
+    i, s = min(hits)
+    req.output_text = text[: i + len(s)] if p.include_stop_str_in_output else text[:i]
+    req.stop_reason = s
+    return "stop"
+
+
+def request_output(req: Request, index: int = 0) -> CompletionOutput:
+    """Visible text holds back a trailing partial UTF-8 character until it completes."""
+    text = req.output_text
+    if not req.finished and text.endswith("\ufffd"):
+        text = text.rstrip("\ufffd")
+    return CompletionOutput(index=index, text=text, token_ids=list(req.output_token_ids),
+                            finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                            logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None)
+
+
+def group_output(request_id: str, children: list[Request]) -> RequestOutput:
+    """One RequestOutput for a request sampled ``n`` times (one child per sample)."""
+    first = children[0]
+    return RequestOutput(request_id=request_id, prompt=first.prompt,
+                         prompt_token_ids=list(first.prompt_token_ids),
+                         outputs=[request_output(c, i) for i, c in enumerate(children)],
+                         finished=all(c.finished for c in children))

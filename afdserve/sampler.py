@@ -1,0 +1,56 @@
+"""Sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+Legend: N rows to sample, V vocab."""
+
+from __future__ import annotations
+
+import torch
+
+from afdserve.core import Request, SamplingParams
+
+
+def sample(logits_NV: torch.Tensor, requests: list[Request],
+           default_generator: torch.Generator | None = None) -> tuple[list[int], list[dict[int, float] | None]]:
+    """One new token per row; greedy rows take the argmax (ties: lowest id)."""
+    logits_NV = logits_NV.float()
+    tokens = torch.argmax(logits_NV, dim=-1).tolist()
+    for i, req in enumerate(requests):
+        if not req.params.greedy:
+            probs_V = _probs(logits_NV[i], req.params)
+            gen = req.generator or default_generator
+            tokens[i] = int(torch.multinomial(probs_V, 1, generator=gen).item())
+    return tokens, _logprobs(logits_NV, tokens, requests)
+
+
+def _probs(logits_V: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    logits_V = logits_V / p.temperature
+    if p.top_k > 0 and p.top_k < logits_V.numel():
+        kth = torch.topk(logits_V, p.top_k).values[-1]
+        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+    probs_V = torch.softmax(logits_V, dim=-1)
+    if p.min_p > 0:
+        probs_V = probs_V.masked_fill(probs_V < p.min_p * probs_V.max(), 0.0)
+    if p.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs_V, descending=True)
+        drop = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
+        probs_V = probs_V.scatter(0, idx, sorted_p.masked_fill(drop, 0.0))
+    return probs_V / probs_V.sum()
+
+
+def _logprobs(logits_NV: torch.Tensor, tokens: list[int],
+              requests: list[Request]) -> list[dict[int, float] | None]:
+    """Logprobs of the raw model distribution: the sampled token plus the top ``logprobs``."""
+    out: list[dict[int, float] | None] = []
+    want = [r.params.logprobs for r in requests]
+    if all(w is None for w in want):
+        return [None] * len(requests)
+    lp_NV = torch.log_softmax(logits_NV, dim=-1)
+    for i, w in enumerate(want):
+        if w is None:
+            out.append(None)
+            continue
+        entry = {tokens[i]: float(lp_NV[i, tokens[i]])}
+        if w > 0:
+            top = torch.topk(lp_NV[i], w)
+            entry |= {int(t): float(v) for t, v in zip(top.indices, top.values)}
+        out.append(entry)
+    return out

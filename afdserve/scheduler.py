@@ -1,0 +1,107 @@
+"""Continuous batching for one attention replica: a token budget per step, chunked prefill,
+preemption (by recomputation) when KV blocks run out, and the split of a step into ``m``
+micro-batches of similar cost."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from afdserve.core import Request, RequestStatus, ScheduledChunk, StepPlan
+from afdserve.kv_cache import BlockAllocator, blocks_needed
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, num_blocks: int,
+                 block_size: int, micro_batches: int = 1):
+        self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
+        self.block_size, self.m = block_size, micro_batches
+        self.blocks = BlockAllocator(num_blocks)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        """Running requests first (decode or the rest of a prefill), then admit waiting ones."""
+        budget, chunks, preempted = self.budget, [], []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            if self._reserve(req, n, preempted):
+                chunks.append(ScheduledChunk(req, req.num_computed, n))
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed, budget)
+            if not self._grow(req, req.num_computed + n):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chunks.append(ScheduledChunk(req, req.num_computed, n))
+            budget -= n
+        return StepPlan(split_micro_batches(chunks, self.m), preempted)
+
+    def _reserve(self, req: Request, n: int, preempted: list[Request]) -> bool:
+        """Blocks for ``n`` more tokens of a running request, preempting the newest running
+        requests until they fit. False when ``req`` itself had to be preempted."""
+        while not self._grow(req, req.num_computed + n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        extra = blocks_needed(num_tokens, self.block_size) - len(req.block_ids)
+        if extra > self.blocks.num_free:
+            return False
+        if extra > 0:
+            req.block_ids += self.blocks.allocate(extra)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        """Drop the request's KV; it is recomputed (prompt + generated so far) when resumed."""
+        self.blocks.free(req.block_ids)
+        req.block_ids, req.num_computed = [], 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Release a request's blocks and slot, whether it ran, waited or was aborted."""
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        self.blocks.free(req.block_ids)
+        req.block_ids = []
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+
+def chunk_cost(chunk: ScheduledChunk) -> float:
+    """Relative attention cost: per-token work plus the KV context it reads."""
+    return chunk.num_new + (chunk.start + chunk.num_new) / 16.0
+
+
+def split_micro_batches(chunks: list[ScheduledChunk], m: int) -> list[list[ScheduledChunk]]:
+    """Split a step into ``m`` micro-batches of similar cost (longest-processing-time
+    first); each request lies wholly in one micro-batch. Some may be empty."""
+    if m == 1:
+        return [chunks]
+    loads, bins = [0.0] * m, [[] for _ in range(m)]
+    order = sorted(range(len(chunks)), key=lambda i: -chunk_cost(chunks[i]))
+    for i in order:
+        b = min(range(m), key=lambda j: loads[j])
+        bins[b].append(i)
+        loads[b] += chunk_cost(chunks[i])
+    return [[chunks[i] for i in sorted(b)] for b in bins]

@@ -1,0 +1,95 @@
+"""Engine behaviour on a tiny model: batch invariance, chunked prefill, preemption, stops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afdserve import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models) -> str:
+    return tiny_models["qwen3_moe"]
+
+
+def _prompts(n: int, vocab: int = 300) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(3)
+    lens = [1, 3, 9, 16, 17, 23, 35, 50][:n]
+    return [torch.randint(3, vocab, (k,), generator=gen).tolist() for k in lens]
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_batch_invariance_alone_vs_batch_of_8(model):
+    prompts = _prompts(8)
+    with LLM(model) as llm:
+        alone = [_tokens(llm.generate([p], GREEDY))[0] for p in prompts]
+        batched = _tokens(llm.generate(prompts, GREEDY))
+    assert batched == alone
+
+
+def test_chunked_prefill_and_preemption_keep_tokens(model):
+    prompts = _prompts(8)
+    with LLM(model) as llm:
+        ref = _tokens(llm.generate(prompts, GREEDY))
+    # budget below the longest prompt forces chunked prefill; 12 blocks of 16 cannot hold
+    # 8 sequences of up to 74 tokens, so requests are preempted and recomputed
+    with LLM(model, max_num_batched_tokens=20, num_kv_blocks=12) as llm:
+        got = _tokens(llm.generate(prompts, GREEDY))
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert got == ref
+
+
+def test_max_tokens_and_length_finish(model):
+    with LLM(model) as llm:
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 5 and out.outputs[0].finish_reason == "length"
+
+
+def test_stop_token_ids_and_eos(model):
+    with LLM(model) as llm:
+        free = llm.generate([[5, 6, 7]], GREEDY)[0].outputs[0].token_ids
+        stop_at = free[3]
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                         stop_token_ids=[stop_at]))[0].outputs[0]
+        assert out.token_ids == free[: free.index(stop_at) + 1]
+        assert out.finish_reason == "stop" and out.stop_reason == stop_at
+        llm.engine.eos_ids = {stop_at}  # the same token as EOS, honoured unless ignore_eos
+        eos = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=24))[0].outputs[0]
+        assert eos.token_ids == out.token_ids and eos.finish_reason == "stop"
+
+
+def test_stop_string_cuts_text(model):
+    with LLM(model) as llm:
+        free = llm.generate("Hello world", GREEDY)[0].outputs[0]
+        text = free.text
+        stop = next(text[i:i + 2] for i in range(2, len(text) - 2) if text[i:i + 2].strip()
+                    and "\ufffd" not in text[i:i + 2])
+        out = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                         stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
+    assert len(out.token_ids) <= len(free.token_ids)
+
+
+def test_seeded_sampling_is_reproducible_and_differs_by_seed(model):
+    p = dict(temperature=1.0, top_p=0.9, top_k=50, max_tokens=16, ignore_eos=True)
+    with LLM(model) as llm:
+        a = _tokens(llm.generate(["Hi"] * 2, SamplingParams(seed=11, **p)))
+        b = _tokens(llm.generate(["Hi"], SamplingParams(seed=11, **p)))
+        c = _tokens(llm.generate(["Hi"], SamplingParams(seed=12, **p)))
+    assert a[0] == a[1] == b[0]
+    assert c[0] != b[0]
+
+
+def test_n_samples_and_text_prompts(model):
+    with LLM(model) as llm:
+        out = llm.generate("Hello", SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True))
+    assert len(out) == 1 and [o.index for o in out[0].outputs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 8 for o in out[0].outputs)
+    assert len({tuple(o.token_ids) for o in out[0].outputs}) > 1
