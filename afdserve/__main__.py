@@ -39,15 +39,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-groups", type=int, default=1, help="expert-parallel groups")
     p.add_argument("--expert-tp", type=int, default=1, help="tensor parallel size inside an expert group")
     p.add_argument("--micro-batches", type=int, default=1, help="ping-pong micro-batches m (1..4)")
+    p.add_argument("--layout", default=None, choices=["single", "afd"],
+                   help="single: one process; afd: attention and experts in separate processes "
+                        "(default: afd when any parallel size is above 1)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLM/make_config keywords from the engine flags."""
     return dict(device=args.device, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                 kv_cache_memory_gb=args.kv_cache_memory_gb, attn_groups=args.attn_groups,
                 attn_tp=args.attn_tp, expert_groups=args.expert_groups, expert_tp=args.expert_tp,
-                micro_batches=args.micro_batches)
+                micro_batches=args.micro_batches, layout=args.layout)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -155,8 +155,11 @@ class ParallelConfig:
     expert_groups: int = 1
     expert_tp: int = 1
     micro_batches: int = 1
+    layout: str | None = None  # "single" (one process) or "afd"; None: afd when any size > 1
 
     def __post_init__(self) -> None:
+        if self.layout not in (None, "single", "afd"):
+            raise ConfigError(f"layout must be 'single' or 'afd', got {self.layout!r}")
         for name in ("attn_groups", "attn_tp", "expert_groups", "expert_tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -166,7 +169,9 @@ class ParallelConfig:
     @property
     def disaggregated(self) -> bool:
         sizes = (self.attn_groups, self.attn_tp, self.expert_groups, self.expert_tp, self.micro_batches)
-        return sizes != (1, 1, 1, 1, 1)
+        if self.layout == "single" and sizes != (1, 1, 1, 1, 1):
+            raise ConfigError("layout 'single' runs one process: all parallel sizes must be 1")
+        return self.layout == "afd" or (self.layout is None and sizes != (1, 1, 1, 1, 1))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,22 @@ from afdserve.sampler import sample
 from afdserve.scheduler import Scheduler
 
 
+def validate_request(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Checks that need the model's limits; SamplingParams checked its own fields."""
+    if not ids:
+        raise InvalidRequest("the prompt must contain at least one token", param="prompt")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(f"token id {bad[0]} is out of the vocabulary (0..{vocab_size - 1})", param="prompt")
+    if len(ids) >= max_model_len:
+        raise InvalidRequest(f"the prompt has {len(ids)} tokens, but this model's maximum context length is "
+                             f"{max_model_len} tokens (prompt plus at least one generated token)", param="prompt")
+    bad = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(f"stop token id {bad[0]} is out of the vocabulary (0..{vocab_size - 1})",
+                             param="stop_token_ids")
+
+
 class Engine:
     def __init__(self, attn, executor: Executor, scheduler: Scheduler, max_model_len: int,
                  tokenizer, eos_ids: set[int], device: str | torch.device = "cpu", seed: int = 0):
@@ -31,7 +47,7 @@ class Engine:
         """Validate and queue a request; raises InvalidRequest (nothing is queued) on bad input."""
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
-        self._validate(prompt_token_ids, params)
+        validate_request(prompt_token_ids, params, self.vocab_size, self.max_model_len)
         total = self.max_model_len
         if params.max_tokens is not None:
             total = min(total, len(prompt_token_ids) + params.max_tokens)
@@ -47,22 +63,6 @@ class Engine:
         self.scheduler.add(req)
         return req
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise InvalidRequest("the prompt must contain at least one token", param="prompt")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is out of the vocabulary (0..{self.vocab_size - 1})",
-                                 param="prompt")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequest(f"the prompt has {len(ids)} tokens, but this model's maximum context "
-                                 f"length is {self.max_model_len} tokens (prompt plus at least one "
-                                 f"generated token)", param="prompt")
-        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"stop token id {bad[0]} is out of the vocabulary (0..{self.vocab_size - 1})",
-                                 param="stop_token_ids")
-
     def abort_request(self, request_id: str) -> Request | None:
         req = self.requests.pop(request_id, None)
         if req is not None and not req.finished:
@@ -72,13 +72,24 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[Request]:
-        """Run one step; returns the requests that got a token (finished ones included)."""
+    def stats(self) -> dict:
+        """Gauges for /metrics: running/waiting requests, KV usage, preemptions so far."""
+        s = self.scheduler
+        return {"running": len(s.running), "waiting": len(s.waiting), "kv_usage": s.blocks.usage,
+                "num_preemptions": s.num_preemptions}
+
+    def step(self, always_run: bool = False) -> list[Request]:
+        """Run one step; returns the requests that got a token (finished ones included).
+
+        With ``always_run`` an empty plan still runs the executor with empty micro-batches:
+        a disaggregated replica must take part in every global step."""
         plan = self.scheduler.schedule()
-        if not plan.chunks:
+        if not plan.chunks and not always_run:
             return []
         inputs = [prepare(mb, self.scheduler.block_size, self.device) for mb in plan.micro_batches]
         hidden = self.executor.run(inputs)
+        if not plan.chunks:
+            return []
         return self.update(plan, sample_logits(self.attn, inputs, hidden))
 
     def update(self, plan, logits_SV: torch.Tensor) -> list[Request]:

@@ -6,9 +6,26 @@ import itertools
 from dataclasses import replace
 
 from afdserve.build import build_local_engine
-from afdserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from afdserve.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from afdserve.core import InvalidRequest, RequestOutput, SamplingParams
 from afdserve.output import group_output
+
+
+def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory_gb: float = 1.0,
+                attn_groups: int = 1, attn_tp: int = 1, expert_groups: int = 1, expert_tp: int = 1,
+                micro_batches: int = 1, layout: str | None = None) -> EngineConfig:
+    """The config tree from LLM's keywords (the CLI's flags have the same names)."""
+    cfg = EngineConfig(
+        model=model, model_config=ModelConfig.from_dir(model), device=device, dtype=dtype, seed=seed,
+        cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+        parallel=ParallelConfig(attn_groups, attn_tp, expert_groups, expert_tp, micro_batches, layout))
+    cfg.max_model_len  # noqa: B018 -- validates max_model_len now, not at the first request
+    if expert_groups > cfg.model_config.num_experts:
+        raise ConfigError(f"expert_groups={expert_groups} exceeds the model's {cfg.model_config.num_experts} experts")
+    return cfg
 
 
 class LLM:
@@ -19,16 +36,26 @@ class LLM:
                  max_num_batched_tokens: int = 512, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_gb: float = 1.0,
                  attn_groups: int = 1, attn_tp: int = 1, expert_groups: int = 1, expert_tp: int = 1,
-                 micro_batches: int = 1, show_progress: bool = False):
-        self.config = EngineConfig(
-            model=model, model_config=ModelConfig.from_dir(model), device=device, dtype=dtype, seed=seed,
-            cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
-            parallel=ParallelConfig(attn_groups, attn_tp, expert_groups, expert_tp, micro_batches))
-        self.config.max_model_len  # noqa: B018 -- validates max_model_len now, not at the first request
-        self.engine = build_local_engine(self.config, show_progress)
+                 micro_batches: int = 1, layout: str | None = None, show_progress: bool = False):
+        self.config = make_config(model, device, dtype, seed, max_model_len, max_num_seqs,
+                                  max_num_batched_tokens, block_size, num_kv_blocks, kv_cache_memory_gb,
+                                  attn_groups, attn_tp, expert_groups, expert_tp, micro_batches, layout)
+        if self.config.parallel.disaggregated:
+            from afdserve.frontend import AFDFrontend
+
+            self.engine = AFDFrontend.spawn(self.config)
+        else:
+            self.engine = build_local_engine(self.config, show_progress)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+
+    @classmethod
+    def from_engine(cls, config: EngineConfig, engine) -> LLM:
+        """Wrap an engine or frontend that already runs (e.g. attached to torchrun workers)."""
+        llm = cls.__new__(cls)
+        llm.config, llm.engine, llm.tokenizer = config, engine, engine.tokenizer
+        llm._ids = itertools.count()
+        return llm
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -45,10 +72,9 @@ class LLM:
                 groups.append(self._add(prompt, p))
             while self.engine.has_unfinished():
                 self.engine.step()
+            self._raise_request_errors(groups)
         except BaseException:
-            for rid, _ in groups:
-                for i in range(len(_)):
-                    self.engine.abort_request(f"{rid}#{i}")
+            self._abort_quietly(groups)
             raise
         return [group_output(rid, children) for rid, children in groups]
 
@@ -67,8 +93,33 @@ class LLM:
             raise
         return rid, children
 
+    def _abort_quietly(self, groups) -> None:
+        """Abort what is left of a failed generate call; a dead engine needs no abort."""
+        for _, children in groups:
+            for c in children:
+                try:
+                    self.engine.abort_request(c.request_id)
+                except OSError:
+                    return
+
+    def _raise_request_errors(self, groups) -> None:
+        errors = getattr(self.engine, "errors", {})
+        for _, children in groups:
+            for c in children:
+                if c.request_id in errors:
+                    raise errors.pop(c.request_id)
+
     def shutdown(self) -> None:
-        self.engine = None
+        """Stop the workers (if any) and release the model."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None and hasattr(engine, "shutdown"):
+            engine.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
 
     def __enter__(self) -> LLM:
         return self

@@ -110,10 +110,10 @@ class AttentionModel:
 
     def _attention(self, w: dict[str, torch.Tensor], x_TD: torch.Tensor, meta: AttnMeta,
                    kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        t, hd = x_TD.shape[0], self.cfg.head_dim
-        q = linear(x_TD, w["wq"], w.get("bq")).view(t, -1, hd)
-        k = linear(x_TD, w["wk"], w.get("bk")).view(t, -1, hd)
-        v = linear(x_TD, w["wv"], w.get("bv")).view(t, -1, hd)
+        t, hd, h, g = x_TD.shape[0], self.cfg.head_dim, self.num_local_heads, self.num_local_kv_heads
+        q = linear(x_TD, w["wq"], w.get("bq")).view(t, h, hd)
+        k = linear(x_TD, w["wk"], w.get("bk")).view(t, g, hd)
+        v = linear(x_TD, w["wv"], w.get("bv")).view(t, g, hd)
         if "q_norm" in w:
             q = rms_norm(q, w["q_norm"], self.cfg.rms_norm_eps)
             k = rms_norm(k, w["k_norm"], self.cfg.rms_norm_eps)
@@ -121,7 +121,7 @@ class AttentionModel:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping_T)
         o = paged_attention(q, kv[0], kv[1], meta, self.scale)
-        return linear(o.reshape(t, -1), w["wo"])
+        return linear(o.reshape(t, h * hd), w["wo"])
 
     def logits(self, h_TD: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head, in float32 for sampling."""

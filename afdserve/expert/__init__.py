@@ -1,0 +1,1 @@
+"""Expert side of a disaggregated deployment: where experts live (``placement``)."""

@@ -1,0 +1,181 @@
+"""Frontend of a disaggregated deployment: starts the workers, places each request on the
+attention replica with the least outstanding KV work, and mirrors their progress.
+
+It offers the same calls as the in-process ``Engine`` (add_request, abort_request,
+has_unfinished, step), so ``LLM`` and the API server drive either one."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from multiprocessing.connection import Connection, Listener, wait
+
+from afdserve.config import EngineConfig
+from afdserve.core import InvalidRequest, Request, RequestStatus, SamplingParams
+from afdserve.engine import validate_request
+from afdserve.kv_cache import blocks_needed
+from afdserve.launcher import Launcher
+from afdserve.tokenizer import load_tokenizer
+from afdserve.worker import WorkerSpec, worker_main
+
+
+class WorkerFailure(RuntimeError):
+    """A worker process died or failed; the message names the rank and its role."""
+
+
+class AFDFrontend:
+    """Use ``AFDFrontend.spawn(cfg)`` on one machine; ``attach`` to workers started by torchrun."""
+
+    def __init__(self, cfg: EngineConfig, listener: Listener, launcher: Launcher | None,
+                 start_timeout_s: float = 600.0):
+        self.cfg, self.listener, self.launcher = cfg, listener, launcher
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.max_model_len = cfg.max_model_len
+        self.conns: dict[int, Connection] = {}
+        self.info: dict[int, dict] = {}
+        self.requests: dict[str, Request] = {}
+        self.group_of: dict[str, int] = {}
+        self.errors: dict[str, InvalidRequest] = {}
+        self.replica_stats: dict[int, dict] = {}
+        self._accept_all(cfg.parallel.attn_groups, start_timeout_s)
+
+    @classmethod
+    def spawn(cls, cfg: EngineConfig) -> AFDFrontend:
+        """Start every worker of ``cfg``'s topology on this machine and connect to them."""
+        authkey = secrets.token_bytes(16)
+        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        spec = WorkerSpec(cfg, listener.address, authkey)
+        launcher = Launcher(worker_main, spec.topology.world_size, args=(spec,), describe=spec.topology.describe)
+        launcher.start()
+        return cls(cfg, listener, launcher)
+
+    @classmethod
+    def attach(cls, cfg: EngineConfig, listener: Listener) -> AFDFrontend:
+        """Wait for the attention leaders of workers started elsewhere (torchrun)."""
+        return cls(cfg, listener, None)
+
+    def _accept_all(self, n: int, timeout_s: float) -> None:
+        """Wait for every attention leader to connect, failing fast if a worker dies."""
+        accepted: list[Connection] = []
+        thread = threading.Thread(target=lambda: [accepted.append(self.listener.accept()) for _ in range(n)],
+                                  daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout_s
+        while thread.is_alive():
+            self._check_workers()
+            if time.monotonic() > deadline:
+                self.shutdown()
+                raise WorkerFailure(f"workers did not start within {timeout_s:.0f} s")
+            thread.join(0.05)
+        for conn in accepted:
+            _, group, info = conn.recv()
+            self.conns[group], self.info[group] = conn, info
+
+    def _check_workers(self) -> None:
+        if self.launcher is None:
+            return
+        failure = self.launcher.poll()
+        if failure is not None:
+            self.launcher.shutdown()
+            raise WorkerFailure(failure)
+
+    def outstanding_tokens(self, group: int) -> int:
+        """KV work a replica still has: tokens held plus tokens still to generate."""
+        return sum(r.max_total_tokens - len(r.output_token_ids) for rid, r in self.requests.items()
+                   if self.group_of[rid] == group and not r.finished)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None, arrival_time: float = 0.0) -> Request:
+        validate_request(prompt_token_ids, params, self.cfg.model_config.vocab_size, self.max_model_len)
+        group = min(self.conns, key=lambda g: (self.outstanding_tokens(g), g))
+        total = self.max_model_len
+        if params.max_tokens is not None:
+            total = min(total, len(prompt_token_ids) + params.max_tokens)
+        info = self.info[group]
+        if blocks_needed(total, info["block_size"]) > info["num_blocks"]:
+            raise InvalidRequest(f"the request needs up to {total} tokens of KV cache, more than the whole "
+                                 f"cache holds ({info['num_blocks'] * info['block_size']} tokens)",
+                                 param="max_tokens")
+        req = Request(request_id, list(prompt_token_ids), params, arrival_time=arrival_time,
+                      max_total_tokens=total, prompt=prompt, status=RequestStatus.RUNNING)
+        self.requests[request_id], self.group_of[request_id] = req, group
+        self.conns[group].send(("add", request_id, req.prompt_token_ids, params, prompt))
+        return req
+
+    def abort_request(self, request_id: str) -> Request | None:
+        req = self.requests.pop(request_id, None)
+        group = self.group_of.pop(request_id, None)
+        if req is not None and not req.finished:
+            self.conns[group].send(("abort", request_id))
+            req.status, req.finish_reason = RequestStatus.FINISHED, "abort"
+        return req
+
+    def has_unfinished(self) -> bool:
+        return any(not r.finished for r in self.requests.values())
+
+    def step(self, timeout_s: float = 1.0) -> list[Request]:
+        """Apply whatever the replicas reported within ``timeout_s``; raise if a worker died."""
+        self._check_workers()
+        updated = []
+        for conn in wait(list(self.conns.values()), timeout_s):
+            try:
+                msg = conn.recv()
+            except EOFError:
+                self._check_workers()
+                time.sleep(0.5)
+                self._check_workers()
+                raise WorkerFailure("an attention worker closed its connection") from None
+            if msg[0] in ("out", "stats"):
+                self.replica_stats[self._group_of_conn(conn)] = msg[-1]
+            updated += self._apply(msg)
+        return updated
+
+    def _group_of_conn(self, conn: Connection) -> int:
+        return next(g for g, c in self.conns.items() if c is conn)
+
+    def stats(self) -> dict:
+        """Gauges summed over attention replicas (as last reported by each)."""
+        per = list(self.replica_stats.values())
+        total = {k: sum(s[k] for s in per) for k in ("running", "waiting", "num_preemptions")}
+        total["kv_usage"] = sum(s["kv_usage"] for s in per) / max(1, len(self.conns))
+        return total
+
+    def _apply(self, msg: tuple) -> list[Request]:
+        if msg[0] == "stats":
+            return []
+        if msg[0] == "error":
+            _, rid, text, param = msg
+            req = self.requests.pop(rid, None)
+            if req is not None:
+                req.status, req.finish_reason = RequestStatus.FINISHED, "abort"
+                self.errors[rid] = InvalidRequest(text, param)
+            return [req] if req is not None else []
+        updated = []
+        for rid, token, lp, text, reason, stop_reason in msg[1]:
+            req = self.requests.get(rid)
+            if req is None:
+                continue  # aborted meanwhile
+            req.output_token_ids.append(token)
+            if lp is not None:
+                req.output_logprobs.append(lp)
+            req.output_text, req.stop_reason = text, stop_reason
+            if reason is not None:
+                req.status, req.finish_reason = RequestStatus.FINISHED, reason
+                self.requests.pop(rid)
+                self.group_of.pop(rid)
+            updated.append(req)
+        return updated
+
+    def shutdown(self) -> None:
+        for conn in self.conns.values():
+            try:
+                conn.send(("shutdown",))
+            except OSError:
+                pass
+        if self.launcher is not None:
+            self.launcher.shutdown(wait_s=10.0)  # workers leave their loop at the next step
+        for conn in self.conns.values():
+            conn.close()
+        self.listener.close()
+

@@ -1,0 +1,103 @@
+"""Executors of the ping-pong schedule (``pipeline.py``): each side walks its op list;
+per-micro-batch state is explicit, never global. Legend: T tokens, D hidden, K top-k."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from afdserve.models.moe_model import AttentionModel, AttnHalfOut, ExpertModel, combine
+from afdserve.pipeline import Op, OpKind, attention_schedule, expert_schedule
+from afdserve.transport.reference import route, unroute
+
+
+@dataclass
+class _MicroBatchState:
+    inp: object  # runner.MicroBatchInput
+    h_TD: torch.Tensor | None = None
+    out: AttnHalfOut | None = None
+    handle: object = None  # transport handle of the in-flight dispatch
+    routing: object = None  # route() handle: which rows went to which expert group
+
+
+class AttnPipelineExecutor:
+    """Attention side of the ping-pong pipeline: runs ``attention_schedule`` for the step's
+    ``m`` micro-batches, sending rows to the expert groups and combining their replies.
+
+    ``transport`` is None on attention TP ranks other than the leader: they get the
+    combined expert output by ``tp_broadcast`` from the leader.
+    """
+
+    def __init__(self, attn: AttentionModel, kv, placement, transport, m: int,
+                 tp_broadcast=None):
+        self.attn, self.kv, self.placement, self.transport, self.m = attn, kv, placement, transport, m
+        self.tp_broadcast = tp_broadcast
+        self.schedule = attention_schedule(attn.cfg.num_layers, m)
+
+    def run(self, inputs: list) -> list[torch.Tensor]:
+        if len(inputs) != self.m:
+            raise ValueError(f"expected {self.m} micro-batches, got {len(inputs)}")
+        states = [_MicroBatchState(inp) for inp in inputs]
+        for op in self.schedule:
+            st = states[op.mb]
+            if op.kind is OpKind.ATTN:
+                if op.layer == 0:
+                    st.h_TD = self.attn.embed(st.inp.token_ids_T)
+                st.out = self.attn.attention_half(op.layer, st.h_TD, st.inp.meta, self.kv[op.layer])
+            elif op.kind is OpKind.DISPATCH:
+                self._dispatch(op, st)
+            elif op.kind is OpKind.COMBINE:
+                st.h_TD = combine(st.out, self._combine_wait(st))
+                st.out = None
+        return [st.h_TD for st in states]
+
+    def _dispatch(self, op: Op, st: _MicroBatchState) -> None:
+        if self.transport is None:
+            return
+        sends, st.routing = route(st.out.x_TD, st.out.topk_ids_TK, st.out.topk_w_TK, self.placement)
+        st.handle = self.transport.dispatch(op.layer, op.mb, sends)
+
+    def _combine_wait(self, st: _MicroBatchState) -> torch.Tensor:
+        y_TD = None
+        if self.transport is not None:
+            partials = self.transport.combine_wait(st.handle)
+            y_TD = unroute(partials, st.routing, st.out.x_TD.shape[0])
+        if self.tp_broadcast is not None:
+            y_TD = self.tp_broadcast(y_TD, st.out.x_TD)
+        return y_TD
+
+
+class ExpertPipelineExecutor:
+    """Expert side: one global step of ``expert_schedule``. Rows from every attention group
+    are concatenated, run through the experts held here, and split back per sender."""
+
+    def __init__(self, experts: ExpertModel, transport, num_layers: int, m: int, tp_broadcast=None):
+        self.experts, self.transport, self.tp_broadcast = experts, transport, tp_broadcast
+        self.schedule = expert_schedule(num_layers, m)
+
+    def step(self) -> None:
+        received, replies = {}, []
+        for op in self.schedule:
+            key = (op.layer, op.mb)
+            if op.kind is OpKind.RECEIVE:
+                rows = None
+                if self.transport is not None:
+                    rows = self.transport.receive_wait(self.transport.receive(op.layer, op.mb))
+                received[key] = self.tp_broadcast(rows) if self.tp_broadcast is not None else rows
+            elif op.kind is OpKind.EXPERT:
+                received[key] = self._compute(op.layer, received[key])
+            elif op.kind is OpKind.REPLY and self.transport is not None:
+                replies.append(self.transport.reply(op.layer, op.mb, received.pop(key)))
+            else:
+                received.pop(key, None)
+        for handle in replies:
+            self.transport.reply_wait(handle)
+
+    def _compute(self, layer: int, rows: list) -> list[torch.Tensor]:
+        sizes = [r.x_ND.shape[0] for r in rows]
+        x_TD = torch.cat([r.x_ND for r in rows])
+        ids_TK = torch.cat([r.ids_NK for r in rows]).long()
+        w_TK = torch.cat([r.w_NK for r in rows])
+        y_TD = self.experts.expert_half(layer, x_TD, ids_TK, w_TK)
+        return list(torch.split(y_TD, sizes))

@@ -1,0 +1,100 @@
+"""Process groups of a disaggregated deployment: the world group, one TP group per attention
+or expert group, and two groups of the group leaders for the M2N transport, one per direction
+(A2E rows, E2A replies: on NCCL each group has its own stream, so replies of micro-batch i
+never queue behind the rows of micro-batch i+1).
+
+Every rank creates every subgroup, in the same order (attention groups 0..n_a-1, expert groups
+0..n_e-1, then A2E and E2A), as torch.distributed requires; each has the same timeout as the
+world group, so a dead peer turns into an error on the survivors instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from afdserve.transport.topology import RankRole, Topology
+
+
+@dataclass
+class Groups:
+    """The process groups of this rank. ``attn_tp[g]``/``expert_tp[g]`` hold the global ranks
+    of attention/expert group g (also for tp = 1: never None, so no call falls back to the
+    world group by accident)."""
+
+    topology: Topology
+    rank: int
+    backend: str
+    device: torch.device
+    attn_tp: list[dist.ProcessGroup]
+    expert_tp: list[dist.ProcessGroup]
+    a2e: dist.ProcessGroup  # every group leader; only leaders may use it
+    e2a: dist.ProcessGroup
+
+    @property
+    def role(self) -> RankRole:
+        return self.topology.role_of(self.rank)
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        """The TP group this rank belongs to."""
+        r = self.role
+        return (self.attn_tp if r.role == "attn" else self.expert_tp)[r.group]
+
+    @property
+    def tp_leader(self) -> int:
+        """Global rank of this rank's TP leader (the broadcast source inside the group)."""
+        r = self.role
+        return self.topology.attn_rank(r.group) if r.role == "attn" else self.topology.expert_rank(r.group)
+
+    def destroy(self) -> None:
+        """Tear down every process group of this process (safe to call twice)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(topology: Topology, rank: int, backend: str = "gloo", init_method: str = "env://",
+                     timeout_s: float = 120.0, device: torch.device | str | None = None) -> Groups:
+    """Join the world of ``topology.world_size`` ranks as ``rank`` and create every TP group.
+
+    ``init_method``: ``"env://"`` (torchrun: MASTER_ADDR/MASTER_PORT from the environment) or
+    ``"tcp://host:port"``. ``timeout_s`` applies to every group. For NCCL, ``device`` defaults
+    to ``cuda:$LOCAL_RANK`` (or rank modulo the visible GPUs) and becomes the current device.
+    Ends with an all-reduce over every rank: it checks the wiring and makes the first NCCL
+    call a collective, as batched P2P on NCCL requires.
+    """
+    if not 0 <= rank < topology.world_size:
+        raise ValueError(f"rank {rank} is outside the topology's {topology.world_size} ranks")
+    env_world = os.environ.get("WORLD_SIZE")
+    if init_method == "env://" and env_world is not None and int(env_world) != topology.world_size:
+        raise ValueError(f"WORLD_SIZE={env_world} but the topology {topology} needs {topology.world_size} ranks "
+                         f"({topology.n_a}x{topology.tp_a} attention + {topology.n_e}x{topology.tp_e} expert)")
+    dev = _device(backend, rank, device)
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=topology.world_size,
+                            timeout=timeout)
+    attn = [dist.new_group(topology.attn_group_ranks(g), timeout=timeout) for g in range(topology.n_a)]
+    expert = [dist.new_group(topology.expert_group_ranks(g), timeout=timeout) for g in range(topology.n_e)]
+    leaders = topology.attn_leaders + topology.expert_leaders
+    a2e, e2a = (dist.new_group(leaders, timeout=timeout) for _ in range(2))
+    check_T = torch.ones(1, device=dev)
+    dist.all_reduce(check_T)
+    if int(check_T.item()) != topology.world_size:
+        raise RuntimeError(f"{topology.describe(rank)}: world all-reduce gave {check_T.item()}, "
+                           f"expected {topology.world_size}")
+    return Groups(topology, rank, backend, dev, attn, expert, a2e, e2a)
+
+
+def _device(backend: str, rank: int, device: torch.device | str | None) -> torch.device:
+    if backend != "nccl":
+        return torch.device(device if device is not None else "cpu")
+    if device is None:
+        local = os.environ.get("LOCAL_RANK")
+        device = f"cuda:{int(local) if local is not None else rank % torch.cuda.device_count()}"
+    dev = torch.device(device)
+    torch.cuda.set_device(dev)
+    return dev
