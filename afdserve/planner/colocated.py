@@ -1,0 +1,50 @@
+"""The colocated baseline: every GPU of a tensor-parallel group holds attention and all
+experts (vLLM-style TP, no micro-batching); one step runs each layer's attention and then
+all E experts on the same GPUs: T_step = L·(T_a(b) + T_e(pairs = b·K, experts = E))."""
+
+from __future__ import annotations
+
+from afdserve.planner.core import Plan, PlanRequest, Rejection
+from afdserve.planner.hardware import GPU
+from afdserve.planner.perf_model import attn_time_s, expert_memory_bytes, expert_time_s, kv_bytes_per_seq, usable_bytes
+
+
+def colocated_baselines(req: PlanRequest, rejections: list[Rejection]) -> list[Plan]:
+    """The best colocated plan per (GPU type, tp) over both roles' GPU types, best per cost first."""
+    gpus = {g.name: g for g in (*req.attn_gpus, *req.expert_gpus)}
+    plans = [p for g in gpus.values() for tp in req.space.tp_values
+             if (p := colocated_plan(req, g, tp, rejections)) is not None]
+    return sorted(plans, key=lambda p: -p.tok_s_per_cost)
+
+
+def colocated_plan(req: PlanRequest, gpu: GPU, tp: int, rejections: list[Rejection]) -> Plan | None:
+    """The largest batch meeting the SLO on one colocated TP group, or None (reason recorded)."""
+    from afdserve.planner.search import largest_true  # search imports this module
+
+    shape = req.shape
+    weights = shape.attn_params_bytes + expert_memory_bytes(shape, shape.num_experts)
+    usable = usable_bytes(gpu, tp, req.space.usable_mem_frac)
+    per_seq = kv_bytes_per_seq(shape, req.avg_seq_len, tp)
+    max_seqs = int((usable - weights) // per_seq) if weights < usable else 0
+    if max_seqs < 1 or shape.num_heads % tp:
+        why = (f"{shape.num_heads} heads not divisible by tp" if shape.num_heads % tp else
+               f"weights {weights / 1e9:.1f} GB + KV > usable {usable / 1e9:.1f} GB")
+        rejections.append(Rejection("colocated", gpu.name, tp, "any", why))
+        return None
+    a, e = req.coeffs.attn(shape, gpu, tp), req.coeffs.expert(shape, gpu, tp)
+
+    def stages(b: int) -> tuple[float, float]:
+        return attn_time_s(b, req.avg_seq_len, a), expert_time_s(b * shape.top_k, shape.num_experts, e)
+
+    step = lambda b: shape.num_layers * sum(stages(b)) + req.sample_s  # noqa: E731
+    b = largest_true(lambda b: step(b) <= req.slo_s, max_seqs)
+    if b == 0:
+        rejections.append(Rejection("colocated", gpu.name, tp, "any", f"one sequence takes {step(1) * 1e3:.0f} ms "
+                                    f"> SLO {req.slo_s * 1e3:.0f} ms"))
+        return None
+    t_a, t_e = stages(b)
+    mem_frac = (weights + b * per_seq) / usable
+    return Plan(layout="colocated", attn_gpu=gpu.name, expert_gpu=gpu.name, tp_a=tp, n_a=1, tp_e=tp, n_e=1, m=1,
+                b_a=b, t_a_s=t_a, t_e_s=t_e, t_c_s=0.0, step_s=step(b), num_gpus=tp, cost=tp * gpu.price_rel,
+                power_w=tp * gpu.power_w, attn_mem_frac=mem_frac, expert_mem_frac=mem_frac,
+                limited_by="memory" if b == max_seqs else "slo", coeff_source=f"{a.source}/{e.source}")

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from afdserve.planner.hardware import get_gpu
+from afdserve.planner.measure import fit_nonneg, measure_attn, measure_expert
+from afdserve.planner.models import PRESETS, MoEShape
+from afdserve.planner.perf_model import AttnCoeffs, ExpertCoeffs, roofline_attn_coeffs
+from afdserve.planner.profile import CoeffSource, Profile, load_profile, save_profile
+
+SHAPE = PRESETS["Mixtral-8x22B"]
+TINY = MoEShape("tiny", hidden=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, num_experts=4,
+                top_k=2, expert_intermediate=1024, vocab=100)
+
+
+def _profile() -> Profile:
+    return Profile("NVIDIA H20", "H20", "bfloat16", {SHAPE.name: {1: AttnCoeffs(1e-6, 1e-9, 5e-5)}},
+                   {SHAPE.name: {2: ExpertCoeffs(2e-6, 4e-4, 1e-5)}}, ((1024.0, 0.1), (1048576.0, 0.9)), 20.0, "nccl")
+
+
+def test_save_load_round_trip(tmp_path):
+    path = str(tmp_path / "p.json")
+    save_profile(path, _profile())
+    got = load_profile(path)
+    assert got.attn[SHAPE.name][1] == AttnCoeffs(1e-6, 1e-9, 5e-5, "profile")
+    assert got.expert[SHAPE.name][2] == ExpertCoeffs(2e-6, 4e-4, 1e-5, "profile")
+    assert got.util_curve == ((1024.0, 0.1), (1048576.0, 0.9)) and got.link_gb_per_s == 20.0
+    assert json.load(open(path))["models"][SHAPE.name]["attn"]["1"]["k2_s"] == 5e-5
+
+
+def test_coefficients_come_from_profile_then_scaled_then_roofline():
+    src = CoeffSource((_profile(),))
+    h20, l40s = get_gpu("H20"), get_gpu("L40S")
+    assert src.attn(SHAPE, h20, 1).source == "profile"
+    scaled = src.attn(SHAPE, h20, 4)
+    assert scaled.k2_s == pytest.approx(5e-5 / 4) and "scaled" in scaled.source
+    assert src.expert(SHAPE, h20, 1).k3_s_per_token == pytest.approx(4e-6)  # measured at tp 2
+    assert src.attn(SHAPE, l40s, 1) == roofline_attn_coeffs(SHAPE, l40s, 1)
+    assert src.util_curve() == _profile().util_curve
+
+
+def test_fit_recovers_costs_and_refuses_negative_ones():
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.uniform(1, 100, 20), rng.uniform(1, 4, 20), np.ones(20)])
+    assert fit_nonneg(x, x @ np.array([2e-6, 3e-4, 1e-5])) == pytest.approx([2e-6, 3e-4, 1e-5])
+    c = fit_nonneg(x, x @ np.array([2e-6, -1e-4, 1e-3]))
+    assert (c >= 0).all() and c[1] == 0
+
+
+def test_measuring_the_engine_layers_on_cpu():
+    dev = torch.device("cpu")
+    a, a_samples = measure_attn(TINY, 1, (1, 8), (32, 256), dev, torch.float32, iters=2)
+    e, e_samples = measure_expert(TINY, 1, (8, 256), dev, torch.float32, iters=2)
+    assert len(a_samples) == 4 and len(e_samples) == 4
+    # the fit describes the largest measurement (2-core machines are noisy: loose bound)
+    b, s, t = max(a_samples, key=lambda x: x[2])
+    assert (a.k1_s(s) * b + a.k2_s) == pytest.approx(t, rel=0.6)
+    pairs, held, t = max(e_samples, key=lambda x: x[2])
+    assert (e.k3_s_per_token * pairs + e.k4_s_per_expert * held + e.overhead_s) == pytest.approx(t, rel=0.6)
+    assert e.k3_s_per_token > 0  # 32x more rows costs more
+
+
+def test_transport_utilisation_curve():
+    from afdserve.planner.measure_comm import measure_util_curve
+
+    curve, best_gb_per_s = measure_util_curve(hidden=256, max_bytes=256 << 10, iters=2, timeout_s=120)
+    sizes = [x for x, _ in curve]
+    assert sizes == sorted(sizes) and sizes[0] == 1024 and sizes[-1] == 256 << 10
+    utils = [u for _, u in curve]
+    assert utils[-1] == 1.0 and all(0 < u <= 1 for u in utils) and best_gb_per_s > 0
+    assert utils == sorted(utils)
+
+
+def test_isotonic_smoothing():
+    from afdserve.planner.measure_comm import isotonic
+
+    assert isotonic([0.1, 0.3, 0.2, 0.5, 0.4, 1.0]) == pytest.approx([0.1, 0.25, 0.25, 0.45, 0.45, 1.0])
