@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from afdserve.core import ScheduledChunk
-from afdserve.layers.attention import AttnMeta
+from afdserve.layers.attention import AttnMeta, add_device_fields
 from afdserve.models.moe_model import AttentionModel, ExpertModel, combine
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -51,6 +51,8 @@ def prepare(chunks: list[ScheduledChunk], block_size: int, device: torch.device 
     meta = AttnMeta(positions_T=as_t(pos), slot_mapping_T=as_t(slots),
                     q_lens=[c.num_new for c in chunks], ctx_lens=[c.start + c.num_new for c in chunks],
                     block_tables=[c.request.block_ids for c in chunks])
+    if torch.device(device).type == "cuda":
+        add_device_fields(meta, device)
     return MicroBatchInput(as_t(ids), meta, as_t(sample_rows))
 
 

@@ -4,6 +4,7 @@ Legend: T tokens, H query heads, G kv heads, Hd head dim, NB blocks, BS block si
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +23,39 @@ class AttnMeta:
     q_lens: list[int]
     ctx_lens: list[int]
     block_tables: list[list[int]]
+    # GPU kernels' view of the lists above (``add_device_fields``); None on the CPU path
+    block_tables_BM: torch.Tensor | None = None  # int32 [B, M], padded with block 0
+    ctx_lens_B: torch.Tensor | None = None  # int32
+    q_starts_B: torch.Tensor | None = None  # int32: first row of each sequence in the batch
+    q_lens_B: torch.Tensor | None = None  # int32
+    max_q_len: int = 0
+    max_ctx_len: int = 0
+    decode_only: bool = False  # every sequence has exactly one new token
 
     @property
     def num_tokens(self) -> int:
         return int(self.positions_T.numel())
 
 
+def add_device_fields(meta: AttnMeta, device: torch.device | str) -> None:
+    """Fill the tensor fields the GPU kernels read, with one host-to-device copy."""
+    b = len(meta.q_lens)
+    width = max([len(t) for t in meta.block_tables] + [1])
+    starts = list(accumulate(meta.q_lens, initial=0))[:b]
+    tables = [x for t in meta.block_tables for x in t + [0] * (width - len(t))]
+    packed = torch.tensor(meta.ctx_lens + starts + meta.q_lens + tables, dtype=torch.int32).to(device)
+    meta.ctx_lens_B, meta.q_starts_B, meta.q_lens_B = packed[:b], packed[b:2 * b], packed[2 * b:3 * b]
+    meta.block_tables_BM = packed[3 * b:].view(b, width)
+    meta.max_q_len, meta.max_ctx_len = max(meta.q_lens, default=0), max(meta.ctx_lens, default=0)
+    meta.decode_only = all(q == 1 for q in meta.q_lens)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_TGHd: torch.Tensor,
              v_TGHd: torch.Tensor, slot_mapping_T: torch.Tensor) -> None:
     """Store the new tokens' keys/values; caches are [NB, BS, G, Hd]."""
+    if k_TGHd.is_cuda:
+        from afdserve.kernels.attention import write_kv_gpu  # Triton: imported only on GPU
+        return write_kv_gpu(k_cache, v_cache, k_TGHd, v_TGHd, slot_mapping_T)
     k_cache.view(-1, *k_cache.shape[2:])[slot_mapping_T] = k_TGHd
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping_T] = v_TGHd
 
@@ -38,6 +63,9 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_TGHd: torch.Tensor,
 def paged_attention(q_THHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttnMeta, scale: float) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its cached context."""
+    if q_THHd.is_cuda:
+        from afdserve.kernels.attention import paged_attention_gpu  # Triton: imported only on GPU
+        return paged_attention_gpu(q_THHd, k_cache, v_cache, meta, scale)
     out_THHd = torch.empty_like(q_THHd)
     start = 0
     for q_len, ctx_len, table in zip(meta.q_lens, meta.ctx_lens, meta.block_tables):

@@ -7,10 +7,16 @@ import torch
 import torch.nn.functional as F
 
 
-def route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int,
-          renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax router: returns (topk_ids_TK int64, topk_w_TK float32)."""
+def route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormalize: bool,
+          bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax router: returns (topk_ids_TK int64, topk_w_TK float32). ``bias_E`` is added
+    to the logits (the router-skew knob of tests and benchmarks)."""
+    if x_TD.is_cuda and bias_E is None:
+        from afdserve.kernels.router import route_gpu  # Triton: imported only on GPU
+        return route_gpu(x_TD, gate_ED, top_k, renormalize)
     logits_TE = F.linear(x_TD, gate_ED)
+    if bias_E is not None:
+        logits_TE = logits_TE + bias_E.to(logits_TE)
     probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     topk_w_TK, topk_ids_TK = torch.topk(probs_TE, top_k, dim=-1)
     if renormalize:

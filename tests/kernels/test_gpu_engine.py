@@ -1,0 +1,62 @@
+"""The engine on CUDA in bf16 (every GPU kernel on the request path) against the CPU in float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afdserve import LLM, SamplingParams
+from tests.kernels.gpu_check import rel_err
+
+pytestmark = pytest.mark.gpu
+
+PROMPT_LENS = [1, 5, 16, 17, 40]  # up to more than one KV block (16)
+
+
+def _prefill_logits(engine, prompt: list[int], device: str) -> torch.Tensor:
+    """All-position logits of one prompt through the engine's runner (float32, on the CPU)."""
+    from afdserve.core import ScheduledChunk
+    from afdserve.runner import prepare
+
+    req = engine.add_request("probe", prompt, SamplingParams(max_tokens=1))
+    engine.scheduler.schedule()  # admits the request and reserves its blocks
+    inp = prepare([ScheduledChunk(req, 0, len(prompt))], engine.scheduler.block_size, device)
+    h_TD = engine.executor.forward(inp)
+    engine.abort_request("probe")
+    return engine.attn.logits(h_TD).float().cpu()
+
+
+# (dtype, bound on prefill logits' relative error, bound on |logprob difference| in decode).
+# float32 runs every kernel in full precision (the "ieee" dot), so the bounds are tight. In
+# bf16 the rounding alone flips near-tied router choices of these random tiny models (seen:
+# logprobs 1-2 nats apart after a flip), so only prefill is compared there, loosely: a wiring
+# error gives errors near 1. Each kernel is held to 2e-2 in bf16 in its own test.
+DTYPES = [("float32", 2e-3, 2e-2), ("bfloat16", 0.25, None)]
+
+
+@pytest.mark.parametrize("dtype,logit_tol,logprob_tol", DTYPES)
+def test_engine_on_gpu_matches_cpu(dev, tiny_models, family, dtype, logit_tol, logprob_tol):
+    device, _ = dev
+    if device != "cuda":
+        pytest.skip("needs CUDA")
+    gen = torch.Generator().manual_seed(3)
+    with LLM(tiny_models[family]) as cpu, LLM(tiny_models[family], device="cuda", dtype=dtype) as gpu:
+        vocab = cpu.engine.attn.embed_VD.shape[0]
+        prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+        for prompt in prompts:  # prefill: the varlen kernel, router, experts
+            with torch.no_grad():
+                ref = _prefill_logits(cpu.engine, prompt, "cpu")
+                out = _prefill_logits(gpu.engine, prompt, "cuda")
+            assert rel_err(out, ref) < logit_tol, f"{family}, prompt of {len(prompt)}"
+        if logprob_tol is None:
+            return
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+        outs = gpu.generate(prompts, params)  # decode: the split-KV kernel in batches of 5
+        for prompt, res in zip(prompts, outs):
+            tokens, lps = res.outputs[0].token_ids, res.outputs[0].logprobs
+            with torch.no_grad():
+                ref = torch.log_softmax(_prefill_logits(cpu.engine, prompt + tokens[:-1], "cpu"), -1)
+            for j, top in enumerate(lps):
+                want = ref[len(prompt) - 1 + j][torch.tensor(list(top.keys()))]
+                diff = (torch.tensor(list(top.values())) - want).abs().max()
+                assert diff < logprob_tol, f"{family}, prompt of {len(prompt)}, step {j}: {diff:.3f}"
