@@ -25,6 +25,8 @@ def default_model_dir() -> str:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine and parallel options, vLLM's spelling where vLLM has one."""
+    p.add_argument("--plan", default=None,
+                   help="plan file from `afdserve plan`: sets the parallel options and max-num-seqs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
@@ -39,19 +41,43 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-groups", type=int, default=1, help="expert-parallel groups")
     p.add_argument("--expert-tp", type=int, default=1, help="tensor parallel size inside an expert group")
     p.add_argument("--micro-batches", type=int, default=1, help="ping-pong micro-batches m (1..4)")
+    p.add_argument("--router-skew", type=float, default=0.0,
+                   help="Zipf exponent of a router bias skewing expert popularity (tests/benchmarks)")
+    p.add_argument("--enable-eplb", action="store_true", help="re-place experts by their live load")
+    p.add_argument("--num-redundant-experts", type=int, default=0, help="extra expert slots for hot-expert copies")
+    p.add_argument("--eplb-window-size", type=int, default=64, help="steps of expert-load statistics kept")
+    p.add_argument("--eplb-step-interval", type=int, default=256, help="steps between re-placement checks")
+    p.add_argument("--eplb-threshold", type=float, default=0.9,
+                   help="re-place when balancedness (mean/max group load) falls below this")
+    p.add_argument("--expert-load-file", default=None, help="saved expert loads [L, E] for a static placement")
     p.add_argument("--layout", default=None, choices=["single", "afd"],
                    help="single: one process; afd: attention and experts in separate processes "
                         "(default: afd when any parallel size is above 1)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    """LLM/make_config keywords from the engine flags."""
+    """LLM/make_config keywords from the engine flags (a plan file's values replace theirs)."""
+    kwargs = _flag_kwargs(args)
+    if getattr(args, "plan", None):
+        from afdserve.planner.plan_file import load_plan
+
+        try:
+            kwargs |= load_plan(args.plan)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot use plan file {args.plan!r}: {e}") from e
+    return kwargs
+
+
+def _flag_kwargs(args: argparse.Namespace) -> dict:
     return dict(device=args.device, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                 kv_cache_memory_gb=args.kv_cache_memory_gb, attn_groups=args.attn_groups,
                 attn_tp=args.attn_tp, expert_groups=args.expert_groups, expert_tp=args.expert_tp,
-                micro_batches=args.micro_batches, layout=args.layout)
+                micro_batches=args.micro_batches, layout=args.layout, router_skew=args.router_skew,
+                enable_eplb=args.enable_eplb, num_redundant_experts=args.num_redundant_experts,
+                eplb_window_size=args.eplb_window_size, eplb_step_interval=args.eplb_step_interval,
+                eplb_threshold=args.eplb_threshold, expert_load_file=args.expert_load_file)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -61,10 +87,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     with LLM(model, show_progress=True, **engine_kwargs(args)) as llm:
+        print(f"deployment: {describe_deployment(llm.config.parallel)}", file=sys.stderr)
         for prompt in args.prompt:
             out = llm.generate(prompt, params)[0].outputs[0]
             print(f"prompt: {prompt!r}\noutput: {out.text!r}\ntokens: {out.token_ids} ({out.finish_reason})")
     return 0
+
+
+def describe_deployment(p) -> str:
+    if not p.disaggregated:
+        return "single process"
+    return (f"afd: {p.attn_groups} attention group(s) x tp {p.attn_tp}, {p.expert_groups} expert group(s) "
+            f"x tp {p.expert_tp}, {p.micro_batches} micro-batch(es)")
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -106,10 +140,8 @@ def _register_optional(sub) -> None:
     for module in ("afdserve.planner.cli", "afdserve.server.cli"):
         try:
             mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and module.startswith(e.name):
-                continue
-            raise
+        except ModuleNotFoundError:
+            continue  # a machine without that part's dependencies (e.g. no uvicorn) still runs the rest
         mod.register(sub)
 
 

@@ -26,8 +26,8 @@ def torch_dtype(name: str) -> torch.dtype:
 def num_kv_blocks(cfg: EngineConfig, kv_heads: int) -> int:
     """Blocks from the memory budget, capped at what max_num_seqs full contexts can use."""
     bs = cfg.cache.block_size
-    if cfg.cache.num_blocks is not None:
-        return cfg.cache.num_blocks
+    if cfg.cache.num_kv_blocks is not None:
+        return cfg.cache.num_kv_blocks
     per_block = kv_bytes_per_block(cfg.model_config.num_layers, bs, kv_heads,
                                    cfg.model_config.head_dim, torch_dtype(cfg.dtype))
     by_memory = int(cfg.cache.kv_cache_memory_gb * 2**30) // per_block
@@ -49,8 +49,8 @@ def build_local_engine(cfg: EngineConfig, show_progress: bool = False) -> Engine
     tokenizer = load_tokenizer(cfg.model)
     ckpt = Checkpoint(cfg.model, torch_dtype(cfg.dtype), device)
     with load_progress(2 * mc.num_layers, "loading weights", show_progress) as bar:
-        attn = AttentionModel(mc, ckpt, on_tensor=lambda: bar.update(1))
-        experts = ExpertModel(mc, ckpt, range(mc.num_experts), on_tensor=lambda: bar.update(1))
+        attn = AttentionModel(mc, ckpt, on_tensor=lambda: bar.update(1), router_skew=cfg.router_skew, seed=cfg.seed)
+        experts = ExpertModel(mc, ckpt, [range(mc.num_experts)] * mc.num_layers, on_tensor=lambda: bar.update(1))
     ckpt.close()
     blocks = num_kv_blocks(cfg, mc.num_kv_heads)
     kv = allocate_kv_cache(mc.num_layers, blocks, cfg.cache.block_size, mc.num_kv_heads, mc.head_dim,

@@ -125,14 +125,14 @@ def _check_all_layers_sparse(hf: dict) -> None:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    num_blocks: int | None = None  # None: derived from kv_cache_memory_gb
+    num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,9 @@ class ParallelConfig:
     layout: str | None = None  # "single" (one process) or "afd"; None: afd when any size > 1
 
     def __post_init__(self) -> None:
+        if self.layout == "colocated":
+            raise ConfigError("the colocated layout (attention and experts in one process per GPU) is not "
+                              "implemented yet; use layout 'afd'")
         if self.layout not in (None, "single", "afd"):
             raise ConfigError(f"layout must be 'single' or 'afd', got {self.layout!r}")
         for name in ("attn_groups", "attn_tp", "expert_groups", "expert_tp"):
@@ -175,6 +178,30 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class EplbConfig:
+    """Expert load balancing (vLLM's flag names): redundant expert slots, the load window
+    and when to re-place experts while serving."""
+
+    enable_eplb: bool = False
+    num_redundant_experts: int = 0  # extra expert slots over all expert groups
+    eplb_window_size: int = 64  # steps of load statistics kept
+    eplb_step_interval: int = 256  # steps between re-placement checks
+    eplb_threshold: float = 0.9  # re-place when balancedness (mean/max group load) is below
+    expert_load_file: str | None = None  # static placement at start from saved loads [L, E]
+
+    def __post_init__(self) -> None:
+        if self.num_redundant_experts < 0:
+            raise ConfigError(f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}")
+        if self.eplb_window_size < 1 or self.eplb_step_interval < 1:
+            raise ConfigError("eplb_window_size and eplb_step_interval must be >= 1")
+
+    @property
+    def replicated(self) -> bool:
+        """Whether experts use per-layer replica placements instead of one fixed home."""
+        return self.enable_eplb or self.num_redundant_experts > 0 or self.expert_load_file is not None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     model_config: ModelConfig
@@ -184,6 +211,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eplb: EplbConfig = field(default_factory=EplbConfig)
+    router_skew: float = 0.0  # Zipf exponent of a router bias that skews expert popularity (0: off)
 
     @property
     def max_model_len(self) -> int:
@@ -194,3 +223,25 @@ class EngineConfig:
             raise ConfigError(f"max_model_len={self.scheduler.max_model_len} exceeds the model's "
                               f"max_position_embeddings={limit}")
         return self.scheduler.max_model_len
+
+
+_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig, "eplb": EplbConfig}
+
+
+def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                router_skew: float = 0.0, **options) -> EngineConfig:
+    """The config tree from flat keywords: any field of CacheConfig, SchedulerConfig,
+    ParallelConfig or EplbConfig by name (the CLI's flags have the same names)."""
+    sections: dict[str, dict] = {name: {} for name in _SECTIONS}
+    for key, value in options.items():
+        owner = next((name for name, cls in _SECTIONS.items() if key in cls.__dataclass_fields__), None)
+        if owner is None:
+            raise ConfigError(f"unknown engine option {key!r}")
+        sections[owner][key] = value
+    cfg = EngineConfig(model=model, model_config=ModelConfig.from_dir(model), device=device, dtype=dtype, seed=seed,
+                       router_skew=router_skew, **{k: _SECTIONS[k](**v) for k, v in sections.items()})
+    cfg.max_model_len  # noqa: B018 -- validates max_model_len now, not at the first request
+    if cfg.parallel.expert_groups > cfg.model_config.num_experts:
+        raise ConfigError(f"expert_groups={cfg.parallel.expert_groups} exceeds the model's "
+                          f"{cfg.model_config.num_experts} experts")
+    return cfg

@@ -11,9 +11,12 @@ import threading
 import time
 from multiprocessing.connection import Connection, Listener, wait
 
+import torch
+
 from afdserve.config import EngineConfig
 from afdserve.core import InvalidRequest, Request, RequestStatus, SamplingParams
 from afdserve.engine import validate_request
+from afdserve.expert.eplb import LoadWindow, initial_placement, placement_for_loads, placement_group_loads
 from afdserve.kv_cache import blocks_needed
 from afdserve.launcher import Launcher
 from afdserve.tokenizer import load_tokenizer
@@ -38,14 +41,21 @@ class AFDFrontend:
         self.group_of: dict[str, int] = {}
         self.errors: dict[str, InvalidRequest] = {}
         self.replica_stats: dict[int, dict] = {}
+        mc = cfg.model_config
+        self.load_window = LoadWindow(mc.num_layers, mc.num_experts, cfg.eplb.eplb_window_size)
+        self.placement = initial_placement(cfg)  # the one the workers run now
+        self.placement_version, self.steps_since_check = 0, 0
+        self._requested = None
+        self.group_tokens_total = torch.zeros(cfg.parallel.expert_groups, dtype=torch.float64)
         self._accept_all(cfg.parallel.attn_groups, start_timeout_s)
 
     @classmethod
-    def spawn(cls, cfg: EngineConfig) -> AFDFrontend:
-        """Start every worker of ``cfg``'s topology on this machine and connect to them."""
+    def spawn(cls, cfg: EngineConfig, show_progress: bool = False) -> AFDFrontend:
+        """Start every worker of ``cfg``'s topology on this machine and connect to them
+        (rank 0 and the first expert rank show weight-loading progress bars)."""
         authkey = secrets.token_bytes(16)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        spec = WorkerSpec(cfg, listener.address, authkey)
+        spec = WorkerSpec(cfg, listener.address, authkey, show_progress=show_progress)
         launcher = Launcher(worker_main, spec.topology.world_size, args=(spec,), describe=spec.topology.describe)
         launcher.start()
         return cls(cfg, listener, launcher)
@@ -127,22 +137,72 @@ class AFDFrontend:
                 self._check_workers()
                 raise WorkerFailure("an attention worker closed its connection") from None
             if msg[0] in ("out", "stats"):
-                self.replica_stats[self._group_of_conn(conn)] = msg[-1]
+                self._record_stats(self._group_of_conn(conn), msg[-1])
             updated += self._apply(msg)
+        self._maybe_rebalance()
         return updated
+
+    def _record_stats(self, group: int, stats: dict) -> None:
+        load = stats.pop("expert_load", None)
+        if load is not None:
+            load = torch.from_numpy(load).double()
+            self.load_window.add(load)
+            self.steps_since_check += 1
+            self.group_tokens_total += placement_group_loads(self.placement, load).sum(0)
+        self.replica_stats[group] = self.replica_stats.get(group, {}) | stats
+
+    def request_placement(self, placement) -> None:
+        """Have the workers switch to ``placement`` between two steps (no request stops)."""
+        self.placement_version = placement.version
+        self._requested = placement
+        self.conns[0].send(("placement", placement))
+
+    def _pending_placement(self, version: int):
+        requested = self._requested
+        if requested is None or requested.version != version:
+            raise WorkerFailure(f"workers applied expert placement version {version}, which was not requested")
+        return requested
+
+    def rebalance(self, loads_LE=None) -> None:
+        """Re-place experts for the window's loads (or ``loads_LE``)."""
+        loads = self.load_window.loads() if loads_LE is None else loads_LE
+        self.request_placement(placement_for_loads(self.cfg, loads, self.placement_version + 1))
+
+    def _maybe_rebalance(self) -> None:
+        """Periodic EPLB: every ``eplb_step_interval`` reports, re-place if unbalanced."""
+        eplb = self.cfg.eplb
+        if not eplb.enable_eplb or self.steps_since_check < eplb.eplb_step_interval:
+            return
+        self.steps_since_check = 0
+        if self.placement_version == getattr(self.placement, "version", 0) and \
+                self.load_window.balancedness(self.placement) < eplb.eplb_threshold:
+            self.rebalance()
 
     def _group_of_conn(self, conn: Connection) -> int:
         return next(g for g, c in self.conns.items() if c is conn)
 
     def stats(self) -> dict:
-        """Gauges summed over attention replicas (as last reported by each)."""
+        """Gauges summed over attention replicas (as last reported by each); host-timed
+        (seconds, count) of dispatch issue, combine waits and per-step bubbles; tokens sent to
+        each expert group since start; and over the load window, each group's load and the
+        balancedness (mean/max group load, averaged over layers)."""
         per = list(self.replica_stats.values())
         total = {k: sum(s[k] for s in per) for k in ("running", "waiting", "num_preemptions")}
         total["kv_usage"] = sum(s["kv_usage"] for s in per) / max(1, len(self.conns))
+        for key in ("dispatch_seconds", "combine_seconds", "bubble_seconds"):
+            pairs = [s[key] for s in per if key in s]
+            total[key] = (sum(p[0] for p in pairs), sum(p[1] for p in pairs))
+        total["expert_group_tokens"] = [int(x) for x in self.group_tokens_total.round().tolist()]
+        total["expert_group_load"] = placement_group_loads(self.placement, self.load_window.loads()).sum(0).tolist()
+        total["expert_balancedness"] = self.load_window.balancedness(self.placement)
+        total["placement_version"] = getattr(self.placement, "version", 0)
         return total
 
     def _apply(self, msg: tuple) -> list[Request]:
         if msg[0] == "stats":
+            return []
+        if msg[0] == "placement_applied":
+            self.placement = self._pending_placement(msg[1])
             return []
         if msg[0] == "error":
             _, rid, text, param = msg

@@ -6,44 +6,25 @@ import itertools
 from dataclasses import replace
 
 from afdserve.build import build_local_engine
-from afdserve.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from afdserve.config import EngineConfig, make_config
 from afdserve.core import InvalidRequest, RequestOutput, SamplingParams
 from afdserve.output import group_output
-
-
-def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-                max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory_gb: float = 1.0,
-                attn_groups: int = 1, attn_tp: int = 1, expert_groups: int = 1, expert_tp: int = 1,
-                micro_batches: int = 1, layout: str | None = None) -> EngineConfig:
-    """The config tree from LLM's keywords (the CLI's flags have the same names)."""
-    cfg = EngineConfig(
-        model=model, model_config=ModelConfig.from_dir(model), device=device, dtype=dtype, seed=seed,
-        cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_gb),
-        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
-        parallel=ParallelConfig(attn_groups, attn_tp, expert_groups, expert_tp, micro_batches, layout))
-    cfg.max_model_len  # noqa: B018 -- validates max_model_len now, not at the first request
-    if expert_groups > cfg.model_config.num_experts:
-        raise ConfigError(f"expert_groups={expert_groups} exceeds the model's {cfg.model_config.num_experts} experts")
-    return cfg
 
 
 class LLM:
     """A model ready to generate. Use as a context manager or call ``shutdown()``."""
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-                 max_model_len: int | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, block_size: int = 16,
-                 num_kv_blocks: int | None = None, kv_cache_memory_gb: float = 1.0,
-                 attn_groups: int = 1, attn_tp: int = 1, expert_groups: int = 1, expert_tp: int = 1,
-                 micro_batches: int = 1, layout: str | None = None, show_progress: bool = False):
-        self.config = make_config(model, device, dtype, seed, max_model_len, max_num_seqs,
-                                  max_num_batched_tokens, block_size, num_kv_blocks, kv_cache_memory_gb,
-                                  attn_groups, attn_tp, expert_groups, expert_tp, micro_batches, layout)
+    def __init__(self, model: str, show_progress: bool = False, **options):
+        """``options``: device, dtype, seed, router_skew and any engine option by name
+        (max_model_len, max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks,
+        kv_cache_memory_gb, attn_groups, attn_tp, expert_groups, expert_tp, micro_batches,
+        layout, enable_eplb, num_redundant_experts, eplb_window_size, eplb_step_interval,
+        eplb_threshold, expert_load_file)."""
+        self.config = make_config(model, **options)
         if self.config.parallel.disaggregated:
             from afdserve.frontend import AFDFrontend
 
-            self.engine = AFDFrontend.spawn(self.config)
+            self.engine = AFDFrontend.spawn(self.config, show_progress)
         else:
             self.engine = build_local_engine(self.config, show_progress)
         self.tokenizer = self.engine.tokenizer

@@ -3,6 +3,7 @@ per-micro-batch state is explicit, never global. Legend: T tokens, D hidden, K t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +35,23 @@ class AttnPipelineExecutor:
         self.attn, self.kv, self.placement, self.transport, self.m = attn, kv, placement, transport, m
         self.tp_broadcast = tp_broadcast
         self.schedule = attention_schedule(attn.cfg.num_layers, m)
+        # routed (token, choice) pairs per layer and expert since the last report
+        self.load_LE = torch.zeros(attn.cfg.num_layers, attn.cfg.num_experts, dtype=torch.int64,
+                                   device=attn.embed_VD.device)
+        # host-side (total seconds, count): issuing dispatches, waiting for combines, and the
+        # per-step sum of those waits (attention idle inside the pipeline: its bubble)
+        self.timing = {"dispatch_seconds": [0.0, 0], "combine_seconds": [0.0, 0], "bubble_seconds": [0.0, 0]}
+
+    def take_load(self) -> torch.Tensor:
+        """The load counted since the previous call (and reset it)."""
+        load, self.load_LE = self.load_LE, torch.zeros_like(self.load_LE)
+        return load
 
     def run(self, inputs: list) -> list[torch.Tensor]:
         if len(inputs) != self.m:
             raise ValueError(f"expected {self.m} micro-batches, got {len(inputs)}")
         states = [_MicroBatchState(inp) for inp in inputs]
+        waited_before = self.timing["combine_seconds"][0]
         for op in self.schedule:
             st = states[op.mb]
             if op.kind is OpKind.ATTN:
@@ -50,22 +63,37 @@ class AttnPipelineExecutor:
             elif op.kind is OpKind.COMBINE:
                 st.h_TD = combine(st.out, self._combine_wait(st))
                 st.out = None
+        if self.transport is not None:
+            _add(self.timing["bubble_seconds"], self.timing["combine_seconds"][0] - waited_before)
         return [st.h_TD for st in states]
 
     def _dispatch(self, op: Op, st: _MicroBatchState) -> None:
         if self.transport is None:
             return
-        sends, st.routing = route(st.out.x_TD, st.out.topk_ids_TK, st.out.topk_w_TK, self.placement)
+        ids_TK = st.out.topk_ids_TK
+        flat = ids_TK.flatten()
+        self.load_LE[op.layer].index_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))  # no host sync
+        placement = self.placement.for_layer(op.layer)
+        sends, st.routing = route(st.out.x_TD, ids_TK, st.out.topk_w_TK, placement)
+        t0 = time.perf_counter()
         st.handle = self.transport.dispatch(op.layer, op.mb, sends)
+        _add(self.timing["dispatch_seconds"], time.perf_counter() - t0)
 
     def _combine_wait(self, st: _MicroBatchState) -> torch.Tensor:
         y_TD = None
         if self.transport is not None:
+            t0 = time.perf_counter()
             partials = self.transport.combine_wait(st.handle)
+            _add(self.timing["combine_seconds"], time.perf_counter() - t0)
             y_TD = unroute(partials, st.routing, st.out.x_TD.shape[0])
         if self.tp_broadcast is not None:
             y_TD = self.tp_broadcast(y_TD, st.out.x_TD)
         return y_TD
+
+
+def _add(acc: list, seconds: float) -> None:
+    acc[0] += seconds
+    acc[1] += 1
 
 
 class ExpertPipelineExecutor:

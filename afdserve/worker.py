@@ -1,38 +1,31 @@
-"""Attention and expert worker processes of a disaggregated deployment.
+"""Attention and expert worker processes of a disaggregated deployment: what both share.
 
 Every rank runs the same loop of global steps. A step starts with one small all-reduce of
-``[has_work, stop]`` over all ranks, so every attention group (busy or idle) and every expert
-group take part in the same steps and make the same transport calls: nobody waits for a
-message that will not come. Attention-group leaders talk to the frontend (``LLM`` or the API
-server) over a ``multiprocessing.connection`` socket.
+``[has_work, stop, announce, loading]`` over all ranks (``StepSync``), so every attention
+group (busy or idle) and every expert group take part in the same steps and make the same
+transport calls: nobody waits for a message that will not come. The same agreement applies
+a new expert placement atomically: it is announced (broadcast from attention group 0's
+leader), expert ranks load the new weights in the background, and all ranks switch at the
+first step where no rank is still loading.
 
-Started by the launcher (one machine) or by ``torchrun -m afdserve.worker`` (several).
+Attention-group leaders talk to the frontend (``LLM`` or the API server) over a
+``multiprocessing.connection`` socket. Started by the launcher (one machine) or by
+``torchrun -m afdserve.worker`` (several).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection
 
 import torch
 import torch.distributed as dist
 
-from afdserve.build import num_kv_blocks, torch_dtype
 from afdserve.config import EngineConfig
-from afdserve.core import InvalidRequest
-from afdserve.engine import Engine
-from afdserve.expert.placement import contiguous_placement
-from afdserve.kv_cache import allocate_kv_cache
-from afdserve.models.loader import Checkpoint
-from afdserve.models.moe_model import AttentionModel, ExpertModel
-from afdserve.pipeline_executor import AttnPipelineExecutor, ExpertPipelineExecutor
-from afdserve.runner import prepare, sample_logits
-from afdserve.scheduler import Scheduler
-from afdserve.tokenizer import eos_token_ids, load_tokenizer
 from afdserve.transport.groups import init_distributed
 from afdserve.transport.topology import Topology
-from afdserve.transport.torch_p2p import TorchP2PTransport
 
 IDLE_SLEEP_S = 0.002
 
@@ -43,6 +36,7 @@ class WorkerSpec:
     frontend_address: tuple[str, int]
     authkey: bytes
     timeout_s: float = 120.0
+    show_progress: bool = False
 
     @property
     def topology(self) -> Topology:
@@ -51,30 +45,53 @@ class WorkerSpec:
 
 
 def worker_main(rank: int, world_size: int, init_method: str, spec: WorkerSpec) -> None:
+    from afdserve.attn.worker import AttnWorker
+    from afdserve.expert.worker import ExpertWorker
+
     topo = spec.topology
     backend = "nccl" if spec.config.device.startswith("cuda") else "gloo"
     groups = init_distributed(topo, rank, backend, init_method, spec.timeout_s)
-    role = topo.role_of(rank)
     torch.manual_seed(spec.config.seed)
     if spec.config.device == "cpu":
         torch.set_num_threads(1)  # many ranks share the cores
     try:
-        if role.role == "attn":
-            AttnWorker(spec, topo, groups, rank).loop()
-        else:
-            ExpertWorker(spec, topo, groups, rank).loop()
+        worker = AttnWorker if topo.role_of(rank).role == "attn" else ExpertWorker
+        worker(spec, topo, groups, rank).loop()
     finally:
         groups.destroy()
 
 
-def step_flags(has_work: bool, stop: bool) -> tuple[bool, bool]:
-    """The per-step agreement of all ranks: does anyone have work, does anyone stop."""
-    flags = torch.tensor([int(has_work), int(stop)])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
+@dataclass
+class StepAgreement:
+    any_work: bool
+    stop: bool
+    announced: object = None  # a placement every rank received this step (start loading it)
+    switch_to: object = None  # a placement every rank applies before this step
 
 
-def _tp_all_reduce(group):
+class StepSync:
+    """The per-step agreement of all ranks, including live expert re-placement."""
+
+    def __init__(self, topo: Topology, rank: int, loading: Callable[[], bool] = lambda: False):
+        self.src = topo.attn_rank(0, 0)
+        self.is_src, self.loading = rank == self.src, loading
+        self.queued = None  # on the source: a placement waiting to be announced
+        self.pending = None  # announced on every rank, not active yet
+
+    def exchange(self, has_work: bool, stop: bool) -> StepAgreement:
+        announce = self.is_src and self.queued is not None and self.pending is None
+        flags = torch.tensor([int(has_work), int(stop), int(announce), int(self.loading())])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        out = StepAgreement(bool(flags[0]), bool(flags[1]))
+        if flags[2]:
+            self.pending = out.announced = broadcast_object(self.queued, self.src, None)
+            self.queued = None
+        elif self.pending is not None and not flags[3]:
+            out.switch_to, self.pending = self.pending, None
+        return out
+
+
+def tp_all_reduce(group):
     def all_reduce(x: torch.Tensor) -> torch.Tensor:
         if x.numel():  # every rank of the group has the same shape, so all skip together
             dist.all_reduce(x, group=group)
@@ -82,45 +99,13 @@ def _tp_all_reduce(group):
     return all_reduce if group is not None else (lambda x: x)
 
 
-class ExpertWorker:
-    def __init__(self, spec: WorkerSpec, topo: Topology, groups, rank: int):
-        cfg, mc = spec.config, spec.config.model_config
-        role = topo.role_of(rank)
-        placement = contiguous_placement(mc.num_experts, topo.n_e)
-        tp_group = groups.expert_tp[role.group] if topo.tp_e > 1 else None
-        ckpt = Checkpoint(cfg.model, torch_dtype(cfg.dtype), cfg.device)
-        experts = ExpertModel(mc, ckpt, placement.experts_of_group(role.group), role.tp_rank, topo.tp_e,
-                              all_reduce=_tp_all_reduce(tp_group))
-        ckpt.close()
-        leader = role.tp_rank == 0
-        transport = None
-        if leader:
-            transport = TorchP2PTransport.expert_side(topo, rank, mc.hidden_size, mc.top_k, torch_dtype(cfg.dtype),
-                                                      cfg.device, cfg.scheduler.max_num_batched_tokens, groups=groups)
-        bcast = None
-        if tp_group is not None:
-            src = topo.expert_rank(role.group, 0)
-            bcast = lambda rows: _broadcast_object(rows, src, tp_group)  # noqa: E731
-        self.executor = ExpertPipelineExecutor(experts, transport, mc.num_layers, cfg.parallel.micro_batches, bcast)
-
-    def loop(self) -> None:
-        while True:
-            has_work, stop = step_flags(False, False)
-            if stop:
-                return
-            if not has_work:
-                time.sleep(IDLE_SLEEP_S)
-                continue
-            self.executor.step()
-
-
-def _broadcast_object(obj, src: int, group):
+def broadcast_object(obj, src: int, group):
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
-def _broadcast_tensor(src: int, group):
+def broadcast_tensor(src: int, group):
     def bcast(y_TD: torch.Tensor | None, like_TD: torch.Tensor) -> torch.Tensor:
         if y_TD is None:
             y_TD = torch.empty_like(like_TD)
@@ -130,96 +115,7 @@ def _broadcast_tensor(src: int, group):
     return bcast
 
 
-class AttnWorker:
-    def __init__(self, spec: WorkerSpec, topo: Topology, groups, rank: int):
-        cfg, mc = spec.config, spec.config.model_config
-        self.role, self.spec = topo.role_of(rank), spec
-        self.leader = self.role.tp_rank == 0
-        tp_group = groups.attn_tp[self.role.group] if topo.tp_a > 1 else None
-        self.tp_group, self.tp_src = tp_group, topo.attn_rank(self.role.group, 0)
-        ckpt = Checkpoint(cfg.model, torch_dtype(cfg.dtype), cfg.device)
-        self.attn = AttentionModel(mc, ckpt, self.role.tp_rank, topo.tp_a, all_reduce=_tp_all_reduce(tp_group))
-        ckpt.close()
-        kv_heads = self.attn.num_local_kv_heads
-        blocks = num_kv_blocks(cfg, kv_heads)
-        kv = allocate_kv_cache(mc.num_layers, blocks, cfg.cache.block_size, kv_heads, mc.head_dim,
-                               torch_dtype(cfg.dtype), cfg.device)
-        transport = None
-        if self.leader:
-            transport = TorchP2PTransport.attn_side(topo, rank, mc.hidden_size, mc.top_k, torch_dtype(cfg.dtype),
-                                                    cfg.device, cfg.scheduler.max_num_batched_tokens, groups=groups)
-        bcast = _broadcast_tensor(self.tp_src, tp_group) if tp_group is not None else None
-        m = cfg.parallel.micro_batches
-        self.executor = AttnPipelineExecutor(self.attn, kv, contiguous_placement(mc.num_experts, topo.n_e),
-                                             transport, m, bcast)
-        self.m, self.engine, self.conn = m, None, None
-        if self.leader:
-            tokenizer = load_tokenizer(cfg.model)
-            sched = Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, blocks,
-                              cfg.cache.block_size, micro_batches=m)
-            self.engine = Engine(self.attn, self.executor, sched, cfg.max_model_len, tokenizer,
-                                 eos_token_ids(cfg.model, mc, tokenizer), device=cfg.device,
-                                 seed=cfg.seed + self.role.group)
-            self.conn = _connect(spec.frontend_address, spec.authkey, spec.timeout_s)
-            self.conn.send(("hello", self.role.group, {"num_blocks": blocks, "block_size": cfg.cache.block_size}))
-
-    def loop(self) -> None:
-        stop_requested = False
-        while True:
-            if self.leader:
-                stop_requested = self._drain_frontend() or stop_requested
-            has_work = self.leader and self.engine.has_unfinished()
-            any_work, stop = step_flags(has_work, stop_requested)
-            if stop:
-                return
-            if not any_work:
-                time.sleep(IDLE_SLEEP_S)
-                continue
-            self._step()
-
-    def _step(self) -> None:
-        if not self.leader:
-            inputs = _broadcast_object(None, self.tp_src, self.tp_group)
-            self.executor.run(inputs)
-            return
-        plan = self.engine.scheduler.schedule()
-        bs = self.engine.scheduler.block_size
-        inputs = [prepare(mb, bs, self.spec.config.device) for mb in plan.micro_batches]
-        if self.tp_group is not None:
-            _broadcast_object(inputs, self.tp_src, self.tp_group)
-        hidden = self.executor.run(inputs)
-        if plan.chunks:
-            updated = self.engine.update(plan, sample_logits(self.attn, inputs, hidden))
-            self.conn.send(("out", [_update(r) for r in updated], self.engine.stats()))
-
-    def _drain_frontend(self) -> bool:
-        """Apply queued frontend messages; True once a shutdown was asked for."""
-        changed = False
-        while self.conn.poll(0):
-            msg = self.conn.recv()
-            if msg[0] == "shutdown":
-                return True
-            changed = True
-            if msg[0] == "abort":
-                self.engine.abort_request(msg[1])
-                continue
-            _, rid, ids, params, prompt = msg
-            try:
-                self.engine.add_request(rid, ids, params, prompt=prompt)
-            except InvalidRequest as e:
-                self.conn.send(("error", rid, str(e), e.param))
-        if changed:
-            self.conn.send(("stats", self.engine.stats()))
-        return False
-
-
-def _update(req) -> tuple:
-    """What the frontend needs of a request after a step (the newest token and its logprobs)."""
-    lp = req.output_logprobs[-1] if req.output_logprobs else None
-    return (req.request_id, req.output_token_ids[-1], lp, req.output_text, req.finish_reason, req.stop_reason)
-
-
-def _connect(address: tuple[str, int], authkey: bytes, timeout_s: float) -> Connection:
+def connect(address: tuple[str, int], authkey: bytes, timeout_s: float) -> Connection:
     """The frontend may start listening after this rank is up: retry until the timeout."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -242,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     from multiprocessing.connection import Listener
 
     from afdserve.__main__ import add_engine_args, engine_kwargs
+    from afdserve.config import make_config
     from afdserve.launcher import rank_from_env
-    from afdserve.llm import make_config
 
     p = argparse.ArgumentParser(prog="python -m afdserve.worker")
     p.add_argument("--model", required=True)

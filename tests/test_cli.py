@@ -32,3 +32,19 @@ def test_generate_defaults_to_builtin_tiny_model(tmp_path):
 def test_bad_model_dir_is_a_clear_error(tmp_path):
     r = _run("generate", "--model", str(tmp_path), "--prompt", "x")
     assert r.returncode == 2 and "no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_reads_a_plan_file(tiny_models, tmp_path):
+    plan = {"version": 1, "model": "tiny", "parallel": {"attn_groups": 2, "attn_tp": 1, "expert_groups": 2,
+                                                        "expert_tp": 1, "micro_batches": 2, "layout": "afd"},
+            "scheduler": {"max_num_seqs": 8}, "hardware": {}, "predicted": {}}
+    path = tmp_path / "plan.json"
+    path.write_text(__import__("json").dumps(plan))
+    args = ("generate", "--model", tiny_models["mixtral"], "--prompt", "Hello", "--max-tokens", "6")
+    single = _run(*args)
+    planned = _run(*args, "--plan", str(path))
+    assert single.returncode == 0 and planned.returncode == 0, planned.stderr
+    assert planned.stdout == single.stdout
+    assert "afd: 2 attention group(s) x tp 1, 2 expert group(s) x tp 1, 2 micro-batch(es)" in planned.stderr
+    bad = _run(*args, "--plan", str(tmp_path / "missing.json"))
+    assert bad.returncode == 2 and "cannot use plan file" in bad.stderr

@@ -2,9 +2,10 @@
 
 Legend: E experts, G expert groups, S local slots of a group.
 
-For now every layer has the same placement and each expert has exactly one home. A later
-issue adds per-layer maps with redundant replicas (``group_of_expert_LE``-style arrays); the
-``for_layer`` accessor is the seam callers already use, so that change stays local.
+``ExpertPlacement``: every layer alike, each expert in exactly one home.
+``LayeredPlacement``: one ``ReplicaPlacement`` per layer, hot experts with redundant copies
+(built by ``afdserve.expert.balance``). Callers use ``for_layer(l)``, then ``num_groups``,
+``experts_of_group(g)`` and ``assign(topk_ids_TK)`` on what it returns.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class ExpertPlacement:
         if bad:
             raise ValueError(f"expert groups {bad} are out of range [0, {self.num_groups})")
 
+    def __getstate__(self) -> dict:
+        return _without_cache(self)
+
+    def __setstate__(self, state: dict) -> None:
+        _restore(self, state)
+
     @property
     def num_experts(self) -> int:
         return len(self.group_of_expert)
@@ -59,6 +66,11 @@ class ExpertPlacement:
     def for_layer(self, layer: int) -> ExpertPlacement:
         """The placement of ``layer`` (the same for every layer until replicas arrive)."""
         return self
+
+    def assign(self, topk_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(group_TK, slot_TK) of each routed (token, choice)."""
+        home_TK2 = self.lookup_E2(topk_ids_TK.device)[topk_ids_TK.long()]
+        return home_TK2[..., 0], home_TK2[..., 1]
 
     def lookup_E2(self, device: torch.device | str) -> torch.Tensor:
         """int64 [E, 2] table of (group, slot) per expert on ``device``, built once per device."""
@@ -89,3 +101,116 @@ def contiguous_placement(num_experts: int, num_groups: int) -> ExpertPlacement:
         groups += [g] * size
         slots += list(range(size))
     return ExpertPlacement(num_groups, tuple(groups), tuple(slots))
+
+
+_GOLDEN = 0.6180339887498949
+
+
+def _without_cache(obj) -> dict:
+    """Pickle a placement without its per-device tables (tensors): placements travel between
+    processes, and a pickled tensor would travel as a shared-memory handle."""
+    return {k: v for k, v in obj.__dict__.items() if not k.startswith("_")}
+
+
+def _restore(obj, state: dict) -> None:
+    for k, v in state.items():
+        object.__setattr__(obj, k, v)
+    cache = "_lookup" if hasattr(type(obj), "lookup_E2") else "_tables"
+    object.__setattr__(obj, cache, {})
+
+
+@dataclass(frozen=True)
+class ReplicaPlacement:
+    """One layer with redundant copies: physical slot p = g*S + s holds expert ``phy2log[p]``
+    (-1: empty; a group's used slots come first) and takes ``share[p]`` of its tokens.
+
+    A (token, choice) pair goes to one replica, picked by a low-discrepancy sequence over
+    the pair's index so that replicas receive their shares of the tokens, deterministically.
+    """
+
+    num_groups: int
+    slots_per_group: int
+    phy2log: tuple[int, ...]
+    share: tuple[float, ...]
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if len(self.phy2log) != self.num_groups * self.slots_per_group or len(self.share) != len(self.phy2log):
+            raise ValueError(f"phy2log/share need {self.num_groups}x{self.slots_per_group} entries, "
+                             f"got {len(self.phy2log)}/{len(self.share)}")
+        for g in range(self.num_groups):
+            row = self.phy2log[g * self.slots_per_group:(g + 1) * self.slots_per_group]
+            used = [e for e in row if e >= 0]
+            if list(row[:len(used)]) != used or len(set(used)) != len(used):
+                raise ValueError(f"expert group {g}: slots {list(row)} must hold distinct experts, used slots first")
+
+    def __getstate__(self) -> dict:
+        return _without_cache(self)
+
+    def __setstate__(self, state: dict) -> None:
+        _restore(self, state)
+
+    @property
+    def num_experts(self) -> int:
+        return max(self.phy2log) + 1
+
+    def experts_of_group(self, group: int) -> list[int]:
+        row = self.phy2log[group * self.slots_per_group:(group + 1) * self.slots_per_group]
+        return [e for e in row if e >= 0]
+
+    def assign(self, topk_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(group_TK, slot_TK): each pair's replica, chosen by its share."""
+        phys_ER, cum_ER = self._replica_tables(topk_ids_TK.device)
+        t, k = topk_ids_TK.shape
+        idx_TK = torch.arange(t * k, device=topk_ids_TK.device).view(t, k) + 1
+        u_TK = torch.frac(idx_TK.double() * _GOLDEN)
+        ids = topk_ids_TK.long()
+        j_TK = (u_TK[..., None] >= cum_ER[ids]).sum(-1).clamp(max=phys_ER.shape[1] - 1)
+        phys_TK = torch.gather(phys_ER[ids], -1, j_TK[..., None])[..., 0]
+        return phys_TK // self.slots_per_group, phys_TK % self.slots_per_group
+
+    def _replica_tables(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """[E, R] physical slots of each expert's replicas and their cumulative shares
+        (padded with the last replica and 2.0, which no draw reaches)."""
+        key = str(device)
+        if key not in self._tables:
+            reps: dict[int, list[tuple[int, float]]] = {}
+            for p, (e, x) in enumerate(zip(self.phy2log, self.share)):
+                if e >= 0:
+                    reps.setdefault(e, []).append((p, x))
+            width = max(len(v) for v in reps.values())
+            phys = torch.zeros(self.num_experts, width, dtype=torch.int64)
+            cum = torch.full((self.num_experts, width), 2.0, dtype=torch.float64)
+            for e, v in reps.items():
+                total = sum(x for _, x in v)
+                acc = 0.0
+                for j in range(width):
+                    p, x = v[min(j, len(v) - 1)]
+                    phys[e, j] = p
+                    if j < len(v) - 1:
+                        acc += x / total
+                        cum[e, j] = acc
+            self._tables[key] = (phys.to(device), cum.to(device))
+        return self._tables[key]
+
+
+@dataclass(frozen=True)
+class LayeredPlacement:
+    """A ``ReplicaPlacement`` per layer; ``version`` counts live re-placements."""
+
+    layers: tuple[ReplicaPlacement, ...]
+    version: int = 0
+
+    @property
+    def num_groups(self) -> int:
+        return self.layers[0].num_groups
+
+    def for_layer(self, layer: int) -> ReplicaPlacement:
+        return self.layers[layer]
+
+    @staticmethod
+    def from_tensors(phy2log_LP: torch.Tensor, share_LP: torch.Tensor, num_groups: int,
+                     version: int = 0) -> LayeredPlacement:
+        slots = phy2log_LP.shape[1] // num_groups
+        return LayeredPlacement(tuple(ReplicaPlacement(num_groups, slots, tuple(p.tolist()), tuple(s.tolist()))
+                                      for p, s in zip(phy2log_LP, share_LP)), version)

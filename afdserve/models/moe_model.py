@@ -57,8 +57,10 @@ class AttentionModel:
     """Attention side of every layer (tensor-parallel shard ``tp_rank`` of ``tp_size``)."""
 
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, tp_rank: int = 0, tp_size: int = 1,
-                 all_reduce: AllReduce = _identity, on_tensor: Callable[[], None] = lambda: None):
+                 all_reduce: AllReduce = _identity, on_tensor: Callable[[], None] = lambda: None,
+                 router_skew: float = 0.0, seed: int = 0):
         self.cfg, self.all_reduce = cfg, all_reduce
+        self.router_bias_LE = router_skew_bias(cfg, router_skew, seed) if router_skew else None
         self.heads, self.kv_index = _head_split(cfg, tp_rank, tp_size)
         g = {k: ckpt.get(*v) for k, v in global_names(cfg).items()}
         self.embed_VD, self.final_norm_D = g["embed_VD"], g["final_norm_D"]
@@ -101,7 +103,8 @@ class AttentionModel:
         attn_TD = self.all_reduce(self._attention(w, x_TD, meta, kv))
         residual_TD = h_TD + attn_TD
         x_TD = rms_norm(residual_TD, w["post_norm_D"], cfg.rms_norm_eps)
-        topk_ids_TK, topk_w_TK = route(x_TD, w["gate_ED"], cfg.top_k, cfg.norm_topk_prob)
+        bias_E = None if self.router_bias_LE is None else self.router_bias_LE[layer]
+        topk_ids_TK, topk_w_TK = route(x_TD, w["gate_ED"], cfg.top_k, cfg.norm_topk_prob, bias_E)
         shared_TD = None
         if "shared_w13" in w:
             gate_T1 = torch.sigmoid(linear(x_TD, w["shared_expert_gate"]))
@@ -129,6 +132,18 @@ class AttentionModel:
         return linear(x_TD, self.lm_head_VD).float()
 
 
+def router_skew_bias(cfg: ModelConfig, exponent: float, seed: int) -> torch.Tensor:
+    """[L, E] router-logit bias making expert popularity Zipf-like (a benchmark/test knob):
+    adding log(p_e) to the logits multiplies expert e's routing probability by p_e, with
+    p_e proportional to rank^-exponent over a random expert order per layer."""
+    gen = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, cfg.num_experts + 1, dtype=torch.float32)
+    bias = torch.empty(cfg.num_layers, cfg.num_experts)
+    for layer in range(cfg.num_layers):
+        bias[layer, torch.randperm(cfg.num_experts, generator=gen)] = -exponent * ranks.log()
+    return bias
+
+
 def _head_split(cfg: ModelConfig, rank: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Query-head range and kv-head range of a TP rank (kv heads replicate when G < tp)."""
     if cfg.num_heads % size:
@@ -150,20 +165,21 @@ def _head_split(cfg: ModelConfig, rank: int, size: int) -> tuple[tuple[int, int]
 class ExpertModel:
     """The experts held by one expert group, every layer, as stacked local slots.
 
-    ``experts[s]`` is the global expert id in local slot s; a TP rank holds the columns
+    ``experts[layer][s]`` is the global expert id in local slot s; a TP rank holds the columns
     [i0, i1) of the intermediate dimension and ``all_reduce`` sums the partial outputs.
     """
 
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, experts: Sequence[int],
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, experts_per_layer: Sequence[Sequence[int]],
                  tp_rank: int = 0, tp_size: int = 1, all_reduce: AllReduce = _identity,
                  on_tensor: Callable[[], None] = lambda: None):
-        self.cfg, self.experts, self.all_reduce = cfg, list(experts), all_reduce
+        self.cfg, self.all_reduce = cfg, all_reduce
+        self.experts = [list(e) for e in experts_per_layer]
         i0, i1 = shard_range(cfg.moe_intermediate_size, tp_rank, tp_size)
         self.w13_EFD: list[torch.Tensor] = []
         self.w2_EDI: list[torch.Tensor] = []
         for layer in range(cfg.num_layers):
             w13, w2 = [], []
-            for e in self.experts:
+            for e in self.experts[layer]:
                 n = {k: ckpt.get(*v) for k, v in expert_names(cfg, layer, e).items()}
                 w13.append(torch.cat([n["gate"][i0:i1], n["up"][i0:i1]]))
                 w2.append(n["down"][:, i0:i1])

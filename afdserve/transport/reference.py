@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afdserve.expert.placement import ExpertPlacement
+from afdserve.expert.placement import ExpertPlacement, ReplicaPlacement
 from afdserve.transport.base import Rows
 
 
@@ -35,18 +35,17 @@ class RouteHandle:
 
 
 def route(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.Tensor,
-          placement: ExpertPlacement) -> tuple[list[Rows], RouteHandle]:
+          placement: ExpertPlacement | ReplicaPlacement) -> tuple[list[Rows], RouteHandle]:
     """Permute tokens into one message per expert group (A2E dispatch preparation).
 
     Parameters: x_TD hidden states; topk_ids_TK global expert ids (any int dtype, in [0, E));
+    ``placement`` is one layer's (``for_layer``): it picks each pair's group and local slot.
     topk_w_TK router weights. Returns (sends, handle): sends[g] holds, in token order, the
     tokens with at least one of their top-k experts on group g: x_ND, ids_NK = local slot on
     g (int32, -1 where the choice lives elsewhere), w_NK (float32, 0 where the id is -1).
     """
     num_tokens, num_groups = x_TD.shape[0], placement.num_groups
-    lookup_E2 = placement.lookup_E2(x_TD.device)
-    home_TK2 = lookup_E2[topk_ids_TK.long()]
-    group_TK, slot_TK = home_TK2[..., 0], home_TK2[..., 1]
+    group_TK, slot_TK = placement.assign(topk_ids_TK)
     on_TG = torch.zeros(num_tokens, num_groups, dtype=torch.bool, device=x_TD.device)
     on_TG.scatter_(1, group_TK, True)
     group_R, token_R = on_TG.t().nonzero(as_tuple=True)  # row-major over [G, T]: group, then token

@@ -1,0 +1,1 @@
+"""The attention side of a disaggregated deployment."""

@@ -1,0 +1,131 @@
+"""Attention worker: one rank of an attention group (a data-parallel replica, TP inside).
+The group's leader owns the engine (requests, scheduler, KV cache bookkeeping, sampler) and
+talks to the frontend; the other TP ranks receive each step's inputs from it."""
+
+from __future__ import annotations
+
+import time
+
+from afdserve.build import load_progress, num_kv_blocks, torch_dtype
+from afdserve.core import InvalidRequest, Request
+from afdserve.engine import Engine
+from afdserve.expert.eplb import initial_placement
+from afdserve.kv_cache import allocate_kv_cache
+from afdserve.models.loader import Checkpoint
+from afdserve.models.moe_model import AttentionModel
+from afdserve.pipeline_executor import AttnPipelineExecutor
+from afdserve.runner import prepare, sample_logits
+from afdserve.scheduler import Scheduler
+from afdserve.tokenizer import eos_token_ids, load_tokenizer
+from afdserve.transport.topology import Topology
+from afdserve.transport.torch_p2p import TorchP2PTransport
+from afdserve.worker import (
+    IDLE_SLEEP_S,
+    StepSync,
+    WorkerSpec,
+    broadcast_object,
+    broadcast_tensor,
+    connect,
+    tp_all_reduce,
+)
+
+
+class AttnWorker:
+    def __init__(self, spec: WorkerSpec, topo: Topology, groups, rank: int):
+        cfg, mc = spec.config, spec.config.model_config
+        self.role, self.spec = topo.role_of(rank), spec
+        self.leader = self.role.tp_rank == 0
+        tp_group = groups.attn_tp[self.role.group] if topo.tp_a > 1 else None
+        self.tp_group, self.tp_src = tp_group, topo.attn_rank(self.role.group, 0)
+        ckpt = Checkpoint(cfg.model, torch_dtype(cfg.dtype), cfg.device)
+        with load_progress(mc.num_layers, "loading attention weights", spec.show_progress and rank == 0) as bar:
+            self.attn = AttentionModel(mc, ckpt, self.role.tp_rank, topo.tp_a, all_reduce=tp_all_reduce(tp_group),
+                                       router_skew=cfg.router_skew, seed=cfg.seed, on_tensor=lambda: bar.update(1))
+        ckpt.close()
+        kv_heads = self.attn.num_local_kv_heads
+        blocks = num_kv_blocks(cfg, kv_heads)
+        kv = allocate_kv_cache(mc.num_layers, blocks, cfg.cache.block_size, kv_heads, mc.head_dim,
+                               torch_dtype(cfg.dtype), cfg.device)
+        transport = None
+        if self.leader:
+            transport = TorchP2PTransport.attn_side(topo, rank, mc.hidden_size, mc.top_k, torch_dtype(cfg.dtype),
+                                                    cfg.device, cfg.scheduler.max_num_batched_tokens, groups=groups)
+        bcast = broadcast_tensor(self.tp_src, tp_group) if tp_group is not None else None
+        m = cfg.parallel.micro_batches
+        self.executor = AttnPipelineExecutor(self.attn, kv, initial_placement(cfg), transport, m, bcast)
+        self.sync = StepSync(topo, rank)
+        self.engine, self.conn = None, None
+        if self.leader:
+            tokenizer = load_tokenizer(cfg.model)
+            sched = Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, blocks,
+                              cfg.cache.block_size, micro_batches=m)
+            self.engine = Engine(self.attn, self.executor, sched, cfg.max_model_len, tokenizer,
+                                 eos_token_ids(cfg.model, mc, tokenizer), device=cfg.device,
+                                 seed=cfg.seed + self.role.group)
+            self.conn = connect(spec.frontend_address, spec.authkey, spec.timeout_s)
+            self.conn.send(("hello", self.role.group, {"num_blocks": blocks, "block_size": cfg.cache.block_size}))
+
+    def loop(self) -> None:
+        stop_requested = False
+        while True:
+            if self.leader:
+                stop_requested = self._drain_frontend() or stop_requested
+            step = self.sync.exchange(self.leader and self.engine.has_unfinished(), stop_requested)
+            if step.stop:
+                return
+            if step.switch_to is not None:
+                self.executor.placement = step.switch_to
+                if self.leader:
+                    self.conn.send(("placement_applied", step.switch_to.version))
+            if not step.any_work:
+                time.sleep(IDLE_SLEEP_S)
+                continue
+            self._step()
+
+    def _step(self) -> None:
+        if not self.leader:
+            inputs = broadcast_object(None, self.tp_src, self.tp_group)
+            self.executor.run(inputs)
+            return
+        plan = self.engine.scheduler.schedule()
+        bs = self.engine.scheduler.block_size
+        inputs = [prepare(mb, bs, self.spec.config.device) for mb in plan.micro_batches]
+        if self.tp_group is not None:
+            broadcast_object(inputs, self.tp_src, self.tp_group)
+        hidden = self.executor.run(inputs)
+        if plan.chunks:
+            updated = self.engine.update(plan, sample_logits(self.attn, inputs, hidden))
+            # numpy, not a tensor: the connection's pickler would pass a tensor as a shared-memory handle
+            stats = self.engine.stats() | {"expert_load": self.executor.take_load().cpu().numpy()}
+            stats |= {k: tuple(v) for k, v in self.executor.timing.items()}
+            self.conn.send(("out", [_update(r) for r in updated], stats))
+
+    def _drain_frontend(self) -> bool:
+        """Apply queued frontend messages; True once a shutdown was asked for."""
+        changed = False
+        while self.conn.poll(0):
+            msg = self.conn.recv()
+            if msg[0] == "shutdown":
+                return True
+            changed = True
+            if msg[0] == "abort":
+                self.engine.abort_request(msg[1])
+            elif msg[0] == "placement":
+                self.sync.queued = msg[1]
+            else:
+                self._add(*msg[1:])
+        if changed:
+            self.conn.send(("stats", self.engine.stats()))
+        return False
+
+    def _add(self, rid: str, ids: list[int], params, prompt: str | None) -> None:
+        try:
+            self.engine.add_request(rid, ids, params, prompt=prompt)
+        except InvalidRequest as e:
+            self.conn.send(("error", rid, str(e), e.param))
+
+
+def _update(req: Request) -> tuple:
+    """What the frontend needs of a request after a step (the newest token and its logprobs)."""
+    lp = req.output_logprobs[-1] if req.output_logprobs else None
+    return (req.request_id, req.output_token_ids[-1], lp, req.output_text, req.finish_reason, req.stop_reason)
