@@ -8,7 +8,7 @@ from tqdm import tqdm
 from afdserve.config import ConfigError, EngineConfig
 from afdserve.engine import Engine
 from afdserve.kv_cache import allocate_kv_cache, blocks_needed, kv_bytes_per_block
-from afdserve.models.loader import Checkpoint
+from afdserve.models.loader import open_checkpoint
 from afdserve.models.moe_model import AttentionModel, ExpertModel
 from afdserve.runner import SerialExecutor
 from afdserve.scheduler import Scheduler
@@ -46,8 +46,8 @@ def load_progress(total: int, desc: str, enabled: bool = True):
 def build_local_engine(cfg: EngineConfig, show_progress: bool = False) -> Engine:
     """Attention and all experts in this process (the serial reference of AFD)."""
     mc, device = cfg.model_config, torch.device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
-    ckpt = Checkpoint(cfg.model, torch_dtype(cfg.dtype), device)
+    tokenizer = load_tokenizer(cfg.model, required=cfg.load_format != "dummy")
+    ckpt = open_checkpoint(cfg.model, cfg.load_format, torch_dtype(cfg.dtype), device, cfg.seed)
     with load_progress(2 * mc.num_layers, "loading weights", show_progress) as bar:
         attn = AttentionModel(mc, ckpt, on_tensor=lambda: bar.update(1), router_skew=cfg.router_skew, seed=cfg.seed)
         experts = ExpertModel(mc, ckpt, [range(mc.num_experts)] * mc.num_layers, on_tensor=lambda: bar.update(1))

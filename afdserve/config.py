@@ -213,6 +213,11 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eplb: EplbConfig = field(default_factory=EplbConfig)
     router_skew: float = 0.0  # Zipf exponent of a router bias that skews expert popularity (0: off)
+    load_format: str = "safetensors"  # or "dummy": random weights at the checkpoint's shapes (benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ConfigError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
 
     @property
     def max_model_len(self) -> int:
@@ -229,7 +234,7 @@ _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": Par
 
 
 def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-                router_skew: float = 0.0, **options) -> EngineConfig:
+                router_skew: float = 0.0, load_format: str = "safetensors", **options) -> EngineConfig:
     """The config tree from flat keywords: any field of CacheConfig, SchedulerConfig,
     ParallelConfig or EplbConfig by name (the CLI's flags have the same names)."""
     sections: dict[str, dict] = {name: {} for name in _SECTIONS}
@@ -239,7 +244,8 @@ def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: i
             raise ConfigError(f"unknown engine option {key!r}")
         sections[owner][key] = value
     cfg = EngineConfig(model=model, model_config=ModelConfig.from_dir(model), device=device, dtype=dtype, seed=seed,
-                       router_skew=router_skew, **{k: _SECTIONS[k](**v) for k, v in sections.items()})
+                       router_skew=router_skew, load_format=load_format,
+                       **{k: _SECTIONS[k](**v) for k, v in sections.items()})
     cfg.max_model_len  # noqa: B018 -- validates max_model_len now, not at the first request
     if cfg.parallel.expert_groups > cfg.model_config.num_experts:
         raise ConfigError(f"expert_groups={cfg.parallel.expert_groups} exceeds the model's "

@@ -33,7 +33,7 @@ class AFDFrontend:
     def __init__(self, cfg: EngineConfig, listener: Listener, launcher: Launcher | None,
                  start_timeout_s: float = 600.0):
         self.cfg, self.listener, self.launcher = cfg, listener, launcher
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model, required=cfg.load_format != "dummy")
         self.max_model_len = cfg.max_model_len
         self.conns: dict[int, Connection] = {}
         self.info: dict[int, dict] = {}

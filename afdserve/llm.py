@@ -61,6 +61,8 @@ class LLM:
 
     def _add(self, prompt: str | list[int], p: SamplingParams):
         text = prompt if isinstance(prompt, str) else None
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise InvalidRequest("this model has no tokenizer: give prompts as token ids", param="prompt")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         rid = str(next(self._ids))
         children = []

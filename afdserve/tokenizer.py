@@ -9,11 +9,14 @@ import os
 from afdserve.config import ConfigError, ModelConfig
 
 
-def load_tokenizer(model_dir: str):
-    """The checkpoint's fast tokenizer; a clear error when the directory has none."""
+def load_tokenizer(model_dir: str, required: bool = True):
+    """The checkpoint's fast tokenizer; a clear error when the directory has none (None when
+    not ``required``: token-id prompts still work, outputs have no text)."""
     from transformers import AutoTokenizer
 
     if not any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        if not required:
+            return None
         raise ConfigError(f"no tokenizer.json in {model_dir!r}")
     return AutoTokenizer.from_pretrained(model_dir)
 

@@ -93,3 +93,17 @@ def test_n_samples_and_text_prompts(model):
     assert len(out) == 1 and [o.index for o in out[0].outputs] == [0, 1, 2]
     assert all(len(o.token_ids) == 8 for o in out[0].outputs)
     assert len({tuple(o.token_ids) for o in out[0].outputs}) > 1
+
+
+def test_dummy_load_format_needs_only_config_json(model, tmp_path):
+    import shutil
+
+    shutil.copy(f"{model}/config.json", tmp_path / "config.json")  # no weights, no tokenizer
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(str(tmp_path), load_format="dummy", seed=3) as llm:
+        a = llm.generate([[5, 6, 7]], params)[0].outputs[0]
+        with pytest.raises(Exception, match="token ids"):
+            llm.generate("text needs a tokenizer", params)
+    with LLM(str(tmp_path), load_format="dummy", seed=3) as llm:
+        b = llm.generate([[5, 6, 7]], params)[0].outputs[0]
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 6 and a.text == ""

@@ -11,7 +11,7 @@ from afdserve.core import InvalidRequest, Request
 from afdserve.engine import Engine
 from afdserve.expert.eplb import initial_placement
 from afdserve.kv_cache import allocate_kv_cache
-from afdserve.models.loader import Checkpoint
+from afdserve.models.loader import open_checkpoint
 from afdserve.models.moe_model import AttentionModel
 from afdserve.pipeline_executor import AttnPipelineExecutor
 from afdserve.runner import prepare, sample_logits
@@ -37,7 +37,7 @@ class AttnWorker:
         self.leader = self.role.tp_rank == 0
         tp_group = groups.attn_tp[self.role.group] if topo.tp_a > 1 else None
         self.tp_group, self.tp_src = tp_group, topo.attn_rank(self.role.group, 0)
-        ckpt = Checkpoint(cfg.model, torch_dtype(cfg.dtype), cfg.device)
+        ckpt = open_checkpoint(cfg.model, cfg.load_format, torch_dtype(cfg.dtype), cfg.device, cfg.seed)
         with load_progress(mc.num_layers, "loading attention weights", spec.show_progress and rank == 0) as bar:
             self.attn = AttentionModel(mc, ckpt, self.role.tp_rank, topo.tp_a, all_reduce=tp_all_reduce(tp_group),
                                        router_skew=cfg.router_skew, seed=cfg.seed, on_tensor=lambda: bar.update(1))
@@ -56,7 +56,7 @@ class AttnWorker:
         self.sync = StepSync(topo, rank)
         self.engine, self.conn = None, None
         if self.leader:
-            tokenizer = load_tokenizer(cfg.model)
+            tokenizer = load_tokenizer(cfg.model, required=cfg.load_format != "dummy")
             sched = Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, blocks,
                               cfg.cache.block_size, micro_batches=m)
             self.engine = Engine(self.attn, self.executor, sched, cfg.max_model_len, tokenizer,

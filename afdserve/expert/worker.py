@@ -8,7 +8,7 @@ import time
 
 from afdserve.build import load_progress, torch_dtype
 from afdserve.expert.eplb import initial_placement
-from afdserve.models.loader import Checkpoint
+from afdserve.models.loader import open_checkpoint
 from afdserve.models.moe_model import ExpertModel
 from afdserve.pipeline_executor import ExpertPipelineExecutor
 from afdserve.transport.topology import Topology
@@ -42,7 +42,7 @@ class ExpertWorker:
         """This group's experts of every layer under ``placement`` (this TP rank's shard)."""
         cfg, mc = self.cfg, self.cfg.model_config
         per_layer = [placement.for_layer(layer).experts_of_group(self.role.group) for layer in range(mc.num_layers)]
-        ckpt = Checkpoint(cfg.model, torch_dtype(cfg.dtype), cfg.device)
+        ckpt = open_checkpoint(cfg.model, cfg.load_format, torch_dtype(cfg.dtype), cfg.device, cfg.seed)
         experts = ExpertModel(mc, ckpt, per_layer, self.role.tp_rank, self.tp_size, all_reduce=self.all_reduce,
                               on_tensor=on_layer)
         ckpt.close()

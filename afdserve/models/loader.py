@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 
 import torch
 from safetensors import safe_open
@@ -41,6 +42,36 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+class DummyCheckpoint:
+    """``--load-format dummy``: random weights of the requested shapes, made on the device
+    (benchmarks at real model shapes without a download). Norm weights are 1, biases 0,
+    matrices N(0, 1/fan_in) so activations stay O(1)."""
+
+    def __init__(self, dtype: torch.dtype, device: str | torch.device = "cpu", seed: int = 0):
+        self.dtype, self.device, self.seed = dtype, device, seed
+        self.gen = torch.Generator(device=device)
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Seeded by the tensor's name, so every process draws the same weights in any order."""
+        self.gen.manual_seed((self.seed << 32) ^ zlib.crc32(name.encode()))
+        if len(shape) == 1:
+            fill = 1.0 if name.endswith("norm.weight") else 0.0
+            return torch.full(shape, fill, dtype=self.dtype, device=self.device)
+        std = 1.0 if "embed_tokens" in name else shape[-1] ** -0.5
+        t = torch.randn(shape, generator=self.gen, device=self.device, dtype=torch.float32) * std
+        return t.to(self.dtype)
+
+    def close(self) -> None:
+        pass
+
+
+def open_checkpoint(model_dir: str, load_format: str, dtype: torch.dtype, device, seed: int = 0):
+    """The checkpoint reader of a load format: safetensors files, or dummy random weights."""
+    if load_format == "dummy":
+        return DummyCheckpoint(dtype, device, seed)
+    return Checkpoint(model_dir, dtype, device)
 
 
 def _index(model_dir: str) -> dict[str, str]:
