@@ -31,6 +31,9 @@ def expert_ffn(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.T
     ``topk_ids_TK`` index the local experts in ``w13_EFD``/``w2_EDI``; an id < 0 means
     "not held here" and contributes nothing. Experts run in ascending id order.
     """
+    if x_TD.is_cuda:
+        from afdserve.kernels.experts import fused_experts  # Triton / grouped GEMM: imported only on GPU
+        return fused_experts(x_TD, topk_ids_TK, topk_w_TK, w13_EFD, w2_EDI)
     y_TD = torch.zeros_like(x_TD)
     for e in torch.unique(topk_ids_TK[topk_ids_TK >= 0]).tolist():
         tok_N, k_N = torch.where(topk_ids_TK == e)
