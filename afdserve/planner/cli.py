@@ -14,14 +14,17 @@ import sys
 import time
 from dataclasses import asdict, replace
 
+import numpy as np
+
 from afdserve.planner.core import PlanRequest, SearchSpace
 from afdserve.planner.hardware import GPU, get_gpu, load_catalog
-from afdserve.planner.models import load_shape
+from afdserve.planner.models import MoEShape, load_shape
 from afdserve.planner.perf_model import Efficiency
 from afdserve.planner.plan_file import write_plan
 from afdserve.planner.profile import CoeffSource, load_profile
 from afdserve.planner.report import search_report
 from afdserve.planner.search import search
+from afdserve.simulator.costs import zipf_expert_load
 
 
 def register(subparsers) -> None:
@@ -66,6 +69,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-eff", type=float, default=Efficiency.mem, help="roofline: share of memory bandwidth")
     p.add_argument("--compute-eff", type=float, default=Efficiency.compute, help="roofline: share of bf16 peak")
     p.add_argument("--sample-ms", type=float, default=0.0, help="lm_head + sampling per step")
+    p.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of the per-expert load (0: uniform)")
+    p.add_argument("--expert-load", default=None,
+                   help="JSON per-expert loads, [E] or [L][E] (or the runtime's {\"loads\": ...} file)")
+    p.add_argument("--num-redundant-experts", type=int, default=0,
+                   help="spare expert slots for copies of hot experts (placed as the runtime's EPLB does)")
+
+
+def expert_load_from_args(args: argparse.Namespace, shape: MoEShape) -> np.ndarray | None:
+    """Per-expert load of --expert-load (a list, or the runtime's saved-loads file) or --skew."""
+    if args.expert_load:
+        with open(args.expert_load) as f:
+            data = json.load(f)
+        return np.asarray(data["loads"] if isinstance(data, dict) else data, dtype=float)
+    return zipf_expert_load(shape.num_experts, shape.top_k, args.skew) if args.skew else None
 
 
 def _gpus(spec: str, catalog: dict[str, GPU], net: float | None) -> tuple[GPU, ...]:
@@ -89,12 +106,15 @@ def request_from_args(args: argparse.Namespace, top: int = 10) -> PlanRequest:
                         usable_mem_frac=args.mem_frac, top=top)
     return PlanRequest(shape, _gpus(args.attn_gpu, catalog, args.attn_net_gb_per_s or args.net_gb_per_s),
                        _gpus(args.expert_gpu, catalog, args.expert_net_gb_per_s or args.net_gb_per_s),
-                       args.slo_ms / 1e3, args.avg_seq_len, coeffs, space, args.sample_ms / 1e3)
+                       args.slo_ms / 1e3, args.avg_seq_len, coeffs, space, args.sample_ms / 1e3,
+                       expert_load_from_args(args, shape), args.num_redundant_experts)
 
 
 def request_inputs(req: PlanRequest) -> dict:
     """The inputs of a search, for the record in the plan file."""
     return {"slo_s": req.slo_s, "avg_seq_len": req.avg_seq_len, "sample_s": req.sample_s,
+            "num_redundant_experts": req.num_redundant_experts,
+            "expert_load": None if req.expert_load is None else np.asarray(req.expert_load).tolist(),
             "attn_gpus": [g.name for g in req.attn_gpus], "expert_gpus": [g.name for g in req.expert_gpus],
             "net_gb_per_s": {"attn": [g.net_gb_per_s for g in req.attn_gpus],
                              "expert": [g.net_gb_per_s for g in req.expert_gpus]},

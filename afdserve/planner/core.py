@@ -35,6 +35,10 @@ class PlanRequest:
     coeffs: CoeffSource = field(default_factory=CoeffSource)
     space: SearchSpace = field(default_factory=SearchSpace)
     sample_s: float = 0.0  # lm_head + sampling per step, added to the step time
+    # routing skew: per-expert pick shares [E] or [L, E] (None: uniform); experts are then placed
+    # by afdserve.expert.balance with this many redundant slots, as the runtime's EPLB does
+    expert_load: object = field(default=None, compare=False)
+    num_redundant_experts: int = 0
 
     def __post_init__(self) -> None:
         if self.slo_s <= 0 or self.avg_seq_len <= 0:

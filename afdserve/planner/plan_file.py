@@ -30,6 +30,7 @@ def plan_to_dict(plan: Plan, model: str, inputs: dict | None = None) -> dict:
         "parallel": {"attn_groups": plan.n_a, "attn_tp": plan.tp_a, "expert_groups": plan.n_e,
                      "expert_tp": plan.tp_e, "micro_batches": plan.m, "layout": plan.layout},
         "scheduler": {"max_num_seqs": plan.max_num_seqs},
+        "eplb": {"num_redundant_experts": int((inputs or {}).get("num_redundant_experts", 0))},
         "hardware": {"attn_gpu": plan.attn_gpu, "expert_gpu": plan.expert_gpu},
         "predicted": {
             "step_s": plan.step_s, "tbt_s": plan.step_s, "throughput_tok_s": plan.throughput_tok_s,
@@ -64,6 +65,11 @@ def load_plan(path: str) -> dict:
     if layout not in LAYOUTS:
         raise ValueError(f"{path}: parallel.layout must be one of {LAYOUTS}, got {layout!r}")
     out["layout"] = layout
+    redundant = d.get("eplb", {}).get("num_redundant_experts", 0)
+    if not isinstance(redundant, int) or redundant < 0:
+        raise ValueError(f"{path}: eplb.num_redundant_experts must be an integer >= 0, got {redundant!r}")
+    if redundant:
+        out["num_redundant_experts"] = redundant
     return out
 
 

@@ -39,6 +39,7 @@ from afdserve.planner.perf_model import (
     usable_bytes,
 )
 from afdserve.simulator import Workload, build_costs, simulate
+from afdserve.simulator.costs import with_placement
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def expert_sides_for(req: PlanRequest, rejections: list[Rejection]):
         for tp in req.space.tp_values:
             usable = usable_bytes(gpu, tp, req.space.usable_mem_frac)
             for n_e in expert_group_counts(shape.num_experts, req.space.expert_groups):
-                held = math.ceil(shape.num_experts / n_e)
+                held = math.ceil((shape.num_experts + req.num_redundant_experts) / n_e)
                 need = expert_memory_bytes(shape, held)
                 if need > usable:
                     rejections.append(Rejection("expert", gpu.name, tp, f"n_e={n_e} ({held} experts/group)",
@@ -185,7 +186,8 @@ def simulate_candidate(req: PlanRequest, c: Candidate, curve: UtilCurve) -> tupl
     def step_s(b: int) -> float:
         nonlocal runs
         runs += 1
-        wl = Workload(b, req.avg_seq_len, sample_s=req.sample_s)
+        wl = Workload(b, req.avg_seq_len, sample_s=req.sample_s, expert_load=req.expert_load)
+        wl = with_placement(wl, req.shape.num_experts, lay.n_e, req.num_redundant_experts)
         steps[b] = simulate(build_costs(req.shape, lay, hw, wl)).step_time_s
         return steps[b]
 

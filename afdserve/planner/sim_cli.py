@@ -8,14 +8,11 @@ import json
 import math
 import os
 
-import numpy as np
-
 from afdserve.planner.cli import dump_json, handles_errors, request_from_args
-from afdserve.planner.core import PlanRequest
 from afdserve.planner.perf_model import AfdLayout, Hardware
 from afdserve.planner.plan_file import load_plan
 from afdserve.planner.search import search
-from afdserve.simulator.costs import Workload, zipf_expert_load
+from afdserve.simulator.costs import Workload, with_placement
 from afdserve.simulator.sweeps import SimSetup, describe, run_setup, sweep_attn_groups, sweep_micro_batches, sweep_skew
 
 _PARALLEL = ("attn_groups", "attn_tp", "expert_groups", "expert_tp", "micro_batches", "max_num_seqs")
@@ -30,8 +27,6 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batches", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences per attention group (b_a = this / m)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of the per-expert load (0: uniform)")
-    p.add_argument("--expert-load", default=None, help="JSON file: per-expert load shares, [E] or [L][E]")
     p.add_argument("--seq-len-cv", type=float, default=0.0, help="coefficient of variation of context lengths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", choices=["m", "attn-groups", "skew"], default=None)
@@ -61,16 +56,10 @@ def setup_from_args(args: argparse.Namespace) -> SimSetup:
     a_gpu, e_gpu = req.attn_gpus[0], req.expert_gpus[0]
     hw = Hardware(a_gpu, e_gpu, req.coeffs.attn(req.shape, a_gpu, lay.tp_a),
                   req.coeffs.expert(req.shape, e_gpu, lay.tp_e), req.coeffs.util_curve())
-    wl = Workload(max(1, opts["max_num_seqs"] // lay.m), req.avg_seq_len, args.seq_len_cv, _load(args, req),
+    wl = Workload(max(1, opts["max_num_seqs"] // lay.m), req.avg_seq_len, args.seq_len_cv, req.expert_load,
                   args.steps, req.sample_s, args.seed)
+    wl = with_placement(wl, req.shape.num_experts, lay.n_e, req.num_redundant_experts)
     return SimSetup(req.shape, lay, hw, wl)
-
-
-def _load(args: argparse.Namespace, req: PlanRequest) -> np.ndarray | None:
-    if args.expert_load:
-        with open(args.expert_load) as f:
-            return np.asarray(json.load(f), dtype=float)
-    return zipf_expert_load(req.shape.num_experts, req.shape.top_k, args.skew) if args.skew else None
 
 
 @handles_errors

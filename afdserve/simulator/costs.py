@@ -7,7 +7,8 @@ planner's performance model plus a skew and a length spread into these durations
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -124,6 +125,34 @@ def build_costs(shape: MoEShape, lay: AfdLayout, hw: Hardware, wl: Workload) -> 
     return SimCosts(shape.num_layers, lay.m, _full(attn_s, (wl.steps, lay.n_a, lay.m)),
                     _full(expert_s, (shape.num_layers, lay.n_e)), np.full(lay.n_a, a2e_s), e2a_s,
                     lay.n_a, lay.n_e, wl.steps, wl.sample_s)
+
+
+def with_placement(wl: Workload, num_experts: int, n_e: int, redundant: int = 0) -> Workload:
+    """``wl`` with its expert load placed the way the runtime places it: contiguous homes for
+    uniform load; for a skewed load, ``afdserve.expert.balance`` with ``redundant`` spare slots
+    (group shares and the slots each group then holds)."""
+    if wl.expert_load is None and redundant == 0:
+        return wl
+    load = np.ones(num_experts) if wl.expert_load is None else np.asarray(wl.expert_load, dtype=float)
+    share, held = _placed_shares(np.atleast_2d(load).tobytes(), np.atleast_2d(load).shape, n_e, redundant)
+    return replace(wl, group_share=share, slots_held=held)
+
+
+@functools.lru_cache(maxsize=256)
+def _placed_shares(load_bytes: bytes, shape: tuple[int, int], n_e: int, redundant: int):
+    """(L, G) pick shares and (G,) slots held under the runtime's placement (cached: the
+    search asks for the same load and n_e at many batch sizes)."""
+    import torch
+
+    from afdserve.expert.balance import balanced_placement, group_loads
+
+    load_LE = torch.from_numpy(np.frombuffer(load_bytes, dtype=np.float64).reshape(shape).copy())
+    num_experts = shape[1]
+    slots = -(-(num_experts + redundant) // n_e)
+    phy2log, share = balanced_placement(load_LE, n_e, slots, num_experts + redundant)
+    gl = group_loads(phy2log, share, load_LE, slots).numpy()
+    held = (phy2log.view(phy2log.shape[0], n_e, slots) >= 0).sum(-1).max(0).values.numpy()
+    return gl / gl.sum(-1, keepdims=True), held
 
 
 def _attn_costs(shape: MoEShape, lay: AfdLayout, hw: Hardware, wl: Workload) -> Cost:

@@ -95,3 +95,18 @@ def test_nothing_fits():
     res = search(req)
     assert res.plans == [] and res.baselines == []
     assert {r.role for r in res.rejections} == {"expert", "colocated"}
+
+
+def test_skewed_routing_lowers_the_best_plan_and_replicas_place_it():
+    from afdserve.simulator.costs import with_placement, zipf_expert_load
+
+    base = PlanRequest(PRESETS["Mixtral-8x22B"], (get_gpu("H20"),), (get_gpu("L40S"),), 0.15, 730.0)
+    load = zipf_expert_load(8, 2, 1.2)
+    uniform = search(base).plans[0].tok_s_per_cost
+    skewed = search(replace(base, expert_load=load)).plans[0].tok_s_per_cost
+    assert skewed < uniform
+    wl = Workload(64, 730.0, expert_load=load)
+    contiguous_max = with_placement(wl, 8, 4, 0).group_share.max()
+    replicated = with_placement(wl, 8, 4, 2)
+    assert replicated.group_share.max() < contiguous_max
+    assert replicated.slots_held.max() == 3  # ceil((8 + 2) / 4) slots per group, copies in use
