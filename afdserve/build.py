@@ -57,5 +57,10 @@ def build_local_engine(cfg: EngineConfig, show_progress: bool = False) -> Engine
                            torch_dtype(cfg.dtype), device)
     sched = Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, blocks,
                       cfg.cache.block_size, micro_batches=1)
-    return Engine(attn, SerialExecutor(attn, experts, kv), sched, cfg.max_model_len, tokenizer,
+    executor = SerialExecutor(attn, experts, kv)
+    if device.type == "cuda" and not cfg.enforce_eager:
+        from afdserve.cuda_graphs import GraphedExecutor
+
+        executor = GraphedExecutor(executor, cfg.scheduler.max_num_seqs, cfg.max_model_len, cfg.cache.block_size)
+    return Engine(attn, executor, sched, cfg.max_model_len, tokenizer,
                   eos_token_ids(cfg.model, mc, tokenizer), device=device, seed=cfg.seed)

@@ -214,6 +214,7 @@ class EngineConfig:
     eplb: EplbConfig = field(default_factory=EplbConfig)
     router_skew: float = 0.0  # Zipf exponent of a router bias that skews expert popularity (0: off)
     load_format: str = "safetensors"  # or "dummy": random weights at the checkpoint's shapes (benchmarks)
+    enforce_eager: bool = False  # vLLM's flag: no CUDA graphs (GPU decode steps replay captured graphs)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("safetensors", "dummy"):
@@ -234,7 +235,8 @@ _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": Par
 
 
 def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-                router_skew: float = 0.0, load_format: str = "safetensors", **options) -> EngineConfig:
+                router_skew: float = 0.0, load_format: str = "safetensors", enforce_eager: bool = False,
+                **options) -> EngineConfig:
     """The config tree from flat keywords: any field of CacheConfig, SchedulerConfig,
     ParallelConfig or EplbConfig by name (the CLI's flags have the same names)."""
     sections: dict[str, dict] = {name: {} for name in _SECTIONS}
@@ -244,7 +246,7 @@ def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: i
             raise ConfigError(f"unknown engine option {key!r}")
         sections[owner][key] = value
     cfg = EngineConfig(model=model, model_config=ModelConfig.from_dir(model), device=device, dtype=dtype, seed=seed,
-                       router_skew=router_skew, load_format=load_format,
+                       router_skew=router_skew, load_format=load_format, enforce_eager=enforce_eager,
                        **{k: _SECTIONS[k](**v) for k, v in sections.items()})
     cfg.max_model_len  # noqa: B018 -- validates max_model_len now, not at the first request
     if cfg.parallel.expert_groups > cfg.model_config.num_experts:
