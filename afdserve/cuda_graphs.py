@@ -35,6 +35,7 @@ class _Graph:
         inp = MicroBatchInput(self.token_ids_T, meta, torch.zeros(0, dtype=torch.int64, device=device))
         executor.forward(inp)  # compile and warm up outside the capture
         torch.cuda.synchronize()
+        meta.rope = None  # recomputed inside the graph from the static positions
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out_BD = executor.forward(inp)

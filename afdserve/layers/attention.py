@@ -31,6 +31,7 @@ class AttnMeta:
     max_q_len: int = 0
     max_ctx_len: int = 0
     decode_only: bool = False  # every sequence has exactly one new token
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of the positions, cached per forward
 
     @property
     def num_tokens(self) -> int:

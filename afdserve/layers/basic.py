@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 def rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, cast back, then scaled (HF's order of operations)."""
+    if x_TD.is_cuda:  # one fused kernel instead of five on the GPU
+        return weight_D * F.rms_norm(x_TD.float(), x_TD.shape[-1:], eps=eps).to(x_TD.dtype)
     x = x_TD.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight_D * x.to(x_TD.dtype)

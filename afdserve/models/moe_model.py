@@ -120,7 +120,9 @@ class AttentionModel:
         if "q_norm" in w:
             q = rms_norm(q, w["q_norm"], self.cfg.rms_norm_eps)
             k = rms_norm(k, w["k_norm"], self.cfg.rms_norm_eps)
-        cos, sin = rope_cos_sin(meta.positions_T, hd, self.cfg.rope_theta)
+        if meta.rope is None:  # once per forward, not once per layer
+            meta.rope = rope_cos_sin(meta.positions_T, hd, self.cfg.rope_theta)
+        cos, sin = meta.rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping_T)
         o = paged_attention(q, kv[0], kv[1], meta, self.scale)
