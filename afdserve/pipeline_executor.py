@@ -31,9 +31,9 @@ class AttnPipelineExecutor:
     """
 
     def __init__(self, attn: AttentionModel, kv, placement, transport, m: int,
-                 tp_broadcast=None):
+                 tp_broadcast=None, inputs_broadcast=None):
         self.attn, self.kv, self.placement, self.transport, self.m = attn, kv, placement, transport, m
-        self.tp_broadcast = tp_broadcast
+        self.tp_broadcast, self.inputs_broadcast = tp_broadcast, inputs_broadcast
         self.schedule = attention_schedule(attn.cfg.num_layers, m)
         # routed (token, choice) pairs per layer and expert since the last report
         self.load_LE = torch.zeros(attn.cfg.num_layers, attn.cfg.num_experts, dtype=torch.int64,
@@ -47,7 +47,11 @@ class AttnPipelineExecutor:
         load, self.load_LE = self.load_LE, torch.zeros_like(self.load_LE)
         return load
 
-    def run(self, inputs: list) -> list[torch.Tensor]:
+    def run(self, inputs: list | None) -> list[torch.Tensor]:
+        """All layers of the step's ``m`` micro-batches. With tensor parallelism the leader's
+        inputs reach the other ranks of the group here (they pass None)."""
+        if self.inputs_broadcast is not None:
+            inputs = self.inputs_broadcast(inputs)
         if len(inputs) != self.m:
             raise ValueError(f"expected {self.m} micro-batches, got {len(inputs)}")
         states = [_MicroBatchState(inp) for inp in inputs]

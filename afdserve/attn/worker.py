@@ -14,7 +14,6 @@ from afdserve.kv_cache import allocate_kv_cache
 from afdserve.models.loader import open_checkpoint
 from afdserve.models.moe_model import AttentionModel
 from afdserve.pipeline_executor import AttnPipelineExecutor
-from afdserve.runner import prepare, sample_logits
 from afdserve.scheduler import Scheduler
 from afdserve.tokenizer import eos_token_ids, load_tokenizer
 from afdserve.transport.topology import Topology
@@ -50,9 +49,13 @@ class AttnWorker:
         if self.leader:
             transport = TorchP2PTransport.attn_side(topo, rank, mc.hidden_size, mc.top_k, torch_dtype(cfg.dtype),
                                                     cfg.device, cfg.scheduler.max_num_batched_tokens, groups=groups)
-        bcast = broadcast_tensor(self.tp_src, tp_group) if tp_group is not None else None
+        bcast = inputs_bcast = None
+        if tp_group is not None:
+            bcast = broadcast_tensor(self.tp_src, tp_group)
+            inputs_bcast = lambda inputs: broadcast_object(inputs, self.tp_src, tp_group)  # noqa: E731
         m = cfg.parallel.micro_batches
-        self.executor = AttnPipelineExecutor(self.attn, kv, initial_placement(cfg), transport, m, bcast)
+        self.executor = AttnPipelineExecutor(self.attn, kv, initial_placement(cfg), transport, m, bcast,
+                                             inputs_bcast)
         self.sync = StepSync(topo, rank)
         self.engine, self.conn = None, None
         if self.leader:
@@ -83,18 +86,13 @@ class AttnWorker:
             self._step()
 
     def _step(self) -> None:
+        """One global step; TP peers get the leader's inputs inside ``executor.run``."""
         if not self.leader:
-            inputs = broadcast_object(None, self.tp_src, self.tp_group)
-            self.executor.run(inputs)
+            self.executor.run(None)
             return
-        plan = self.engine.scheduler.schedule()
-        bs = self.engine.scheduler.block_size
-        inputs = [prepare(mb, bs, self.spec.config.device) for mb in plan.micro_batches]
-        if self.tp_group is not None:
-            broadcast_object(inputs, self.tp_src, self.tp_group)
-        hidden = self.executor.run(inputs)
-        if plan.chunks:
-            updated = self.engine.update(plan, sample_logits(self.attn, inputs, hidden))
+        had_work = self.engine.has_unfinished()
+        updated = self.engine.step(always_run=True)  # an idle replica still takes part
+        if had_work:
             # numpy, not a tensor: the connection's pickler would pass a tensor as a shared-memory handle
             stats = self.engine.stats() | {"expert_load": self.executor.take_load().cpu().numpy()}
             stats |= {k: tuple(v) for k, v in self.executor.timing.items()}

@@ -10,7 +10,8 @@ Legend: E experts, G expert groups, S local slots of a group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -26,7 +27,6 @@ class ExpertPlacement:
     num_groups: int
     group_of_expert: tuple[int, ...]
     slot_of_expert: tuple[int, ...]
-    _lookup: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.num_groups < 1:
@@ -41,12 +41,6 @@ class ExpertPlacement:
         bad = [g for g in self.group_of_expert if not 0 <= g < self.num_groups]
         if bad:
             raise ValueError(f"expert groups {bad} are out of range [0, {self.num_groups})")
-
-    def __getstate__(self) -> dict:
-        return _without_cache(self)
-
-    def __setstate__(self, state: dict) -> None:
-        _restore(self, state)
 
     @property
     def num_experts(self) -> int:
@@ -74,11 +68,7 @@ class ExpertPlacement:
 
     def lookup_E2(self, device: torch.device | str) -> torch.Tensor:
         """int64 [E, 2] table of (group, slot) per expert on ``device``, built once per device."""
-        key = str(device)
-        if key not in self._lookup:
-            table = torch.tensor(list(zip(self.group_of_expert, self.slot_of_expert)), dtype=torch.int64)
-            self._lookup[key] = table.view(self.num_experts, 2).to(device)
-        return self._lookup[key]
+        return _home_table(self, str(device))
 
 
 def contiguous_placement(num_experts: int, num_groups: int) -> ExpertPlacement:
@@ -106,19 +96,6 @@ def contiguous_placement(num_experts: int, num_groups: int) -> ExpertPlacement:
 _GOLDEN = 0.6180339887498949
 
 
-def _without_cache(obj) -> dict:
-    """Pickle a placement without its per-device tables (tensors): placements travel between
-    processes, and a pickled tensor would travel as a shared-memory handle."""
-    return {k: v for k, v in obj.__dict__.items() if not k.startswith("_")}
-
-
-def _restore(obj, state: dict) -> None:
-    for k, v in state.items():
-        object.__setattr__(obj, k, v)
-    cache = "_lookup" if hasattr(type(obj), "lookup_E2") else "_tables"
-    object.__setattr__(obj, cache, {})
-
-
 @dataclass(frozen=True)
 class ReplicaPlacement:
     """One layer with redundant copies: physical slot p = g*S + s holds expert ``phy2log[p]``
@@ -132,7 +109,6 @@ class ReplicaPlacement:
     slots_per_group: int
     phy2log: tuple[int, ...]
     share: tuple[float, ...]
-    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if len(self.phy2log) != self.num_groups * self.slots_per_group or len(self.share) != len(self.phy2log):
@@ -144,12 +120,6 @@ class ReplicaPlacement:
             if list(row[:len(used)]) != used or len(set(used)) != len(used):
                 raise ValueError(f"expert group {g}: slots {list(row)} must hold distinct experts, used slots first")
 
-    def __getstate__(self) -> dict:
-        return _without_cache(self)
-
-    def __setstate__(self, state: dict) -> None:
-        _restore(self, state)
-
     @property
     def num_experts(self) -> int:
         return max(self.phy2log) + 1
@@ -160,7 +130,7 @@ class ReplicaPlacement:
 
     def assign(self, topk_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(group_TK, slot_TK): each pair's replica, chosen by its share."""
-        phys_ER, cum_ER = self._replica_tables(topk_ids_TK.device)
+        phys_ER, cum_ER = _replica_tables(self, str(topk_ids_TK.device))
         t, k = topk_ids_TK.shape
         idx_TK = torch.arange(t * k, device=topk_ids_TK.device).view(t, k) + 1
         u_TK = torch.frac(idx_TK.double() * _GOLDEN)
@@ -168,30 +138,6 @@ class ReplicaPlacement:
         j_TK = (u_TK[..., None] >= cum_ER[ids]).sum(-1).clamp(max=phys_ER.shape[1] - 1)
         phys_TK = torch.gather(phys_ER[ids], -1, j_TK[..., None])[..., 0]
         return phys_TK // self.slots_per_group, phys_TK % self.slots_per_group
-
-    def _replica_tables(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """[E, R] physical slots of each expert's replicas and their cumulative shares
-        (padded with the last replica and 2.0, which no draw reaches)."""
-        key = str(device)
-        if key not in self._tables:
-            reps: dict[int, list[tuple[int, float]]] = {}
-            for p, (e, x) in enumerate(zip(self.phy2log, self.share)):
-                if e >= 0:
-                    reps.setdefault(e, []).append((p, x))
-            width = max(len(v) for v in reps.values())
-            phys = torch.zeros(self.num_experts, width, dtype=torch.int64)
-            cum = torch.full((self.num_experts, width), 2.0, dtype=torch.float64)
-            for e, v in reps.items():
-                total = sum(x for _, x in v)
-                acc = 0.0
-                for j in range(width):
-                    p, x = v[min(j, len(v) - 1)]
-                    phys[e, j] = p
-                    if j < len(v) - 1:
-                        acc += x / total
-                        cum[e, j] = acc
-            self._tables[key] = (phys.to(device), cum.to(device))
-        return self._tables[key]
 
 
 @dataclass(frozen=True)
@@ -214,3 +160,32 @@ class LayeredPlacement:
         slots = phy2log_LP.shape[1] // num_groups
         return LayeredPlacement(tuple(ReplicaPlacement(num_groups, slots, tuple(p.tolist()), tuple(s.tolist()))
                                       for p, s in zip(phy2log_LP, share_LP)), version)
+
+
+# Per-device lookup tables, cached by placement (frozen, hashable) and device. Placements
+# themselves hold no tensors, so they pickle plainly when sent between processes.
+@functools.lru_cache(maxsize=4096)
+def _home_table(placement: ExpertPlacement, device: str) -> torch.Tensor:
+    table = torch.tensor(list(zip(placement.group_of_expert, placement.slot_of_expert)), dtype=torch.int64)
+    return table.view(placement.num_experts, 2).to(device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _replica_tables(placement: ReplicaPlacement, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, R] physical slots of each expert's replicas and their cumulative shares
+    (padded with the last replica and 2.0, which no draw reaches)."""
+    reps: dict[int, list[tuple[int, float]]] = {}
+    for p, (e, x) in enumerate(zip(placement.phy2log, placement.share)):
+        if e >= 0:
+            reps.setdefault(e, []).append((p, x))
+    width = max(len(v) for v in reps.values())
+    phys = torch.zeros(placement.num_experts, width, dtype=torch.int64)
+    cum = torch.full((placement.num_experts, width), 2.0, dtype=torch.float64)
+    for e, v in reps.items():
+        total, acc = sum(x for _, x in v), 0.0
+        for j in range(width):
+            phys[e, j] = v[min(j, len(v) - 1)][0]
+            if j < len(v) - 1:
+                acc += v[j][1] / total
+                cum[e, j] = acc
+    return phys.to(device), cum.to(device)
