@@ -36,7 +36,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
-    p.add_argument("--attn-groups", type=int, default=1, help="attention replicas (data parallel)")
+    p.add_argument("--attn-groups", "--data-parallel-size", "-dp", type=int, default=1, dest="attn_groups",
+                   help="attention replicas (data parallel); with --layout colocated, the number of processes")
     p.add_argument("--attn-tp", type=int, default=1, help="tensor parallel size inside an attention group")
     p.add_argument("--expert-groups", type=int, default=1, help="expert-parallel groups")
     p.add_argument("--expert-tp", type=int, default=1, help="tensor parallel size inside an expert group")
@@ -53,9 +54,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eplb-threshold", type=float, default=0.9,
                    help="re-place when balancedness (mean/max group load) falls below this")
     p.add_argument("--expert-load-file", default=None, help="saved expert loads [L, E] for a static placement")
-    p.add_argument("--layout", default=None, choices=["single", "afd"],
-                   help="single: one process; afd: attention and experts in separate processes "
-                        "(default: afd when any parallel size is above 1)")
+    p.add_argument("--benchmark-skip-prefill", action="store_true",
+                   help="benchmarks only: start decoding at once without computing the prompt's KV "
+                        "(decode steps at a given context; the outputs are meaningless)")
+    p.add_argument("--layout", default=None, choices=["single", "afd", "colocated"],
+                   help="single: one process; afd: attention and experts in separate processes; colocated: "
+                        "one process per attention replica, each also holding 1/n of the experts (expert "
+                        "parallel, tokens exchanged per layer) (default: afd when any parallel size is above 1)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -81,7 +86,8 @@ def _flag_kwargs(args: argparse.Namespace) -> dict:
                 load_format=args.load_format, enforce_eager=args.enforce_eager,
                 enable_eplb=args.enable_eplb, num_redundant_experts=args.num_redundant_experts,
                 eplb_window_size=args.eplb_window_size, eplb_step_interval=args.eplb_step_interval,
-                eplb_threshold=args.eplb_threshold, expert_load_file=args.expert_load_file)
+                eplb_threshold=args.eplb_threshold, expert_load_file=args.expert_load_file,
+                benchmark_skip_prefill=args.benchmark_skip_prefill)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -99,6 +105,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def describe_deployment(p) -> str:
+    if p.colocated:
+        return (f"colocated: {p.attn_groups} process(es), each an attention replica and an expert group, "
+                f"{p.micro_batches} micro-batch(es)")
     if not p.disaggregated:
         return "single process"
     return (f"afd: {p.attn_groups} attention group(s) x tp {p.attn_tp}, {p.expert_groups} expert group(s) "

@@ -56,7 +56,7 @@ def build_local_engine(cfg: EngineConfig, show_progress: bool = False) -> Engine
     kv = allocate_kv_cache(mc.num_layers, blocks, cfg.cache.block_size, mc.num_kv_heads, mc.head_dim,
                            torch_dtype(cfg.dtype), device)
     sched = Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, blocks,
-                      cfg.cache.block_size, micro_batches=1)
+                      cfg.cache.block_size, micro_batches=1, skip_prefill=cfg.scheduler.benchmark_skip_prefill)
     executor = SerialExecutor(attn, experts, kv)
     if device.type == "cuda" and not cfg.enforce_eager:
         from afdserve.cuda_graphs import GraphedExecutor

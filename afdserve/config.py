@@ -140,6 +140,10 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # token budget of one step (chunked prefill splits longer prompts)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # benchmarks only: a prompt's KV is not computed (the cache keeps whatever it holds) and the
+    # request starts decoding at once, so decode steps at large batch and context are timed
+    # without paying for the prefill; outputs are meaningless
+    benchmark_skip_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -155,26 +159,44 @@ class ParallelConfig:
     expert_groups: int = 1
     expert_tp: int = 1
     micro_batches: int = 1
-    layout: str | None = None  # "single" (one process) or "afd"; None: afd when any size > 1
+    layout: str | None = None  # "single", "afd" or "colocated"; None: afd when any size > 1
 
     def __post_init__(self) -> None:
-        if self.layout == "colocated":
-            raise ConfigError("the colocated layout (attention and experts in one process per GPU) is not "
-                              "implemented yet; use layout 'afd'")
-        if self.layout not in (None, "single", "afd"):
-            raise ConfigError(f"layout must be 'single' or 'afd', got {self.layout!r}")
+        if self.layout not in (None, "single", "afd", "colocated"):
+            raise ConfigError(f"layout must be 'single', 'afd' or 'colocated', got {self.layout!r}")
         for name in ("attn_groups", "attn_tp", "expert_groups", "expert_tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.micro_batches <= 4:
             raise ConfigError(f"micro_batches must be in 1..4, got {self.micro_batches}")
+        if self.layout == "colocated":
+            if self.attn_tp != 1 or self.expert_tp != 1:
+                raise ConfigError("the colocated layout runs one process per GPU holding attention and its share of "
+                                  "the experts; tensor parallelism inside it is not supported (attn_tp and expert_tp "
+                                  "must be 1)")
+            if self.expert_groups == 1:  # vLLM's DP + expert parallel: one expert group per DP rank
+                object.__setattr__(self, "expert_groups", self.attn_groups)
+            if self.expert_groups != self.attn_groups:
+                raise ConfigError(f"the colocated layout has one expert group per attention replica: expert_groups "
+                                  f"({self.expert_groups}) must equal attn_groups ({self.attn_groups}) or be left at 1")
 
     @property
     def disaggregated(self) -> bool:
+        """Attention and experts in separate processes (layout "afd")."""
         sizes = (self.attn_groups, self.attn_tp, self.expert_groups, self.expert_tp, self.micro_batches)
         if self.layout == "single" and sizes != (1, 1, 1, 1, 1):
             raise ConfigError("layout 'single' runs one process: all parallel sizes must be 1")
         return self.layout == "afd" or (self.layout is None and sizes != (1, 1, 1, 1, 1))
+
+    @property
+    def colocated(self) -> bool:
+        """One process per attention replica, each also holding an expert group (layout "colocated")."""
+        return self.layout == "colocated"
+
+    @property
+    def multi_process(self) -> bool:
+        """Worker processes behind a frontend (afd or colocated) rather than one in-process engine."""
+        return self.colocated or self.disaggregated
 
 
 @dataclass(frozen=True)
@@ -249,6 +271,9 @@ def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: i
                        router_skew=router_skew, load_format=load_format, enforce_eager=enforce_eager,
                        **{k: _SECTIONS[k](**v) for k, v in sections.items()})
     cfg.max_model_len  # noqa: B018 -- validates max_model_len now, not at the first request
+    if cfg.parallel.colocated and cfg.eplb.enable_eplb:
+        raise ConfigError("live expert re-placement (enable_eplb) is not supported with the colocated layout yet; "
+                          "use num_redundant_experts or expert_load_file for a static placement")
     if cfg.parallel.expert_groups > cfg.model_config.num_experts:
         raise ConfigError(f"expert_groups={cfg.parallel.expert_groups} exceeds the model's "
                           f"{cfg.model_config.num_experts} experts")

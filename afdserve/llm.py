@@ -21,7 +21,7 @@ class LLM:
         layout, enable_eplb, num_redundant_experts, eplb_window_size, eplb_step_interval,
         eplb_threshold, expert_load_file)."""
         self.config = make_config(model, **options)
-        if self.config.parallel.disaggregated:
+        if self.config.parallel.multi_process:
             from afdserve.frontend import AFDFrontend
 
             self.engine = AFDFrontend.spawn(self.config, show_progress)

@@ -12,8 +12,9 @@ from afdserve.kv_cache import BlockAllocator, blocks_needed
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, num_blocks: int,
-                 block_size: int, micro_batches: int = 1):
+                 block_size: int, micro_batches: int = 1, skip_prefill: bool = False):
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
+        self.skip_prefill = skip_prefill  # benchmarks: see SchedulerConfig.benchmark_skip_prefill
         self.block_size, self.m = block_size, micro_batches
         self.blocks = BlockAllocator(num_blocks)
         self.waiting: deque[Request] = deque()
@@ -39,6 +40,8 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
+            if self.skip_prefill:
+                req.num_computed = max(req.num_computed, req.num_tokens - 1)
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._grow(req, req.num_computed + n):
                 break

@@ -23,6 +23,7 @@ from multiprocessing.connection import Client, Connection
 import torch
 import torch.distributed as dist
 
+from afdserve import op_timing
 from afdserve.config import EngineConfig
 from afdserve.transport.groups import init_distributed
 from afdserve.transport.topology import Topology
@@ -41,11 +42,11 @@ class WorkerSpec:
     @property
     def topology(self) -> Topology:
         p = self.config.parallel
-        return Topology(p.attn_groups, p.attn_tp, p.expert_groups, p.expert_tp)
+        return Topology(p.attn_groups, p.attn_tp, p.expert_groups, p.expert_tp, colocated=p.colocated)
 
 
 def worker_main(rank: int, world_size: int, init_method: str, spec: WorkerSpec) -> None:
-    from afdserve.attn.worker import AttnWorker
+    from afdserve.attn.worker import AttnWorker, ColocatedWorker
     from afdserve.expert.worker import ExpertWorker
 
     topo = spec.topology
@@ -55,8 +56,9 @@ def worker_main(rank: int, world_size: int, init_method: str, spec: WorkerSpec) 
     if spec.config.device == "cpu":
         torch.set_num_threads(1)  # many ranks share the cores
     try:
-        worker = AttnWorker if topo.role_of(rank).role == "attn" else ExpertWorker
+        worker = {"attn": AttnWorker, "expert": ExpertWorker, "colocated": ColocatedWorker}[topo.role_of(rank).role]
         worker(spec, topo, groups, rank).loop()
+        op_timing.write(rank)
     finally:
         groups.destroy()
 

@@ -107,3 +107,31 @@ def test_dummy_load_format_needs_only_config_json(model, tmp_path):
     with LLM(str(tmp_path), load_format="dummy", seed=3) as llm:
         b = llm.generate([[5, 6, 7]], params)[0].outputs[0]
     assert a.token_ids == b.token_ids and len(a.token_ids) == 6 and a.text == ""
+
+
+def test_benchmark_skip_prefill_starts_decoding_at_once(model):
+    """Benchmarks: with benchmark_skip_prefill a 100-token prompt is not prefilled (budget 16
+    tokens a step), so every request gets a token from its first step; the KV blocks of the
+    whole context are still held."""
+    with LLM(model, max_num_batched_tokens=16, benchmark_skip_prefill=True) as llm:
+        engine = llm.engine
+        reqs = [engine.add_request(str(i), list(range(3, 103)), SamplingParams(max_tokens=4, ignore_eos=True))
+                for i in range(3)]
+        engine.step()
+        assert [len(r.output_token_ids) for r in reqs] == [1, 1, 1]
+        assert all(len(r.block_ids) * engine.scheduler.block_size >= 101 for r in reqs)
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.num_steps == 4
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(layout="colocated", attn_groups=2, attn_tp=2), "tensor parallelism"),
+    (dict(layout="colocated", attn_groups=2, expert_groups=3), "expert_groups"),
+    (dict(layout="colocated", attn_groups=2, enable_eplb=True), "enable_eplb"),
+])
+def test_colocated_layout_rejects_what_it_cannot_run(model, options, match):
+    from afdserve.config import ConfigError, make_config
+
+    with pytest.raises(ConfigError, match=match):
+        make_config(model, **options)

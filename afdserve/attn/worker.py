@@ -12,10 +12,11 @@ from afdserve.engine import Engine
 from afdserve.expert.eplb import initial_placement
 from afdserve.kv_cache import allocate_kv_cache
 from afdserve.models.loader import open_checkpoint
-from afdserve.models.moe_model import AttentionModel
-from afdserve.pipeline_executor import AttnPipelineExecutor
+from afdserve.models.moe_model import AttentionModel, ExpertModel
+from afdserve.pipeline_executor import AttnPipelineExecutor, ColocatedExecutor
 from afdserve.scheduler import Scheduler
 from afdserve.tokenizer import eos_token_ids, load_tokenizer
+from afdserve.transport.all_to_all import AllToAllExchange
 from afdserve.transport.topology import Topology
 from afdserve.transport.torch_p2p import TorchP2PTransport
 from afdserve.worker import (
@@ -45,28 +46,34 @@ class AttnWorker:
         blocks = num_kv_blocks(cfg, kv_heads)
         kv = allocate_kv_cache(mc.num_layers, blocks, cfg.cache.block_size, kv_heads, mc.head_dim,
                                torch_dtype(cfg.dtype), cfg.device)
-        transport = None
-        if self.leader:
-            transport = TorchP2PTransport.attn_side(topo, rank, mc.hidden_size, mc.top_k, torch_dtype(cfg.dtype),
-                                                    cfg.device, cfg.scheduler.max_num_batched_tokens, groups=groups)
-        bcast = inputs_bcast = None
-        if tp_group is not None:
-            bcast = broadcast_tensor(self.tp_src, tp_group)
-            inputs_bcast = lambda inputs: broadcast_object(inputs, self.tp_src, tp_group)  # noqa: E731
         m = cfg.parallel.micro_batches
-        self.executor = AttnPipelineExecutor(self.attn, kv, initial_placement(cfg), transport, m, bcast,
-                                             inputs_bcast)
+        self.executor = self._make_executor(spec, topo, groups, rank, kv)
         self.sync = StepSync(topo, rank)
         self.engine, self.conn = None, None
         if self.leader:
             tokenizer = load_tokenizer(cfg.model, required=cfg.load_format != "dummy")
             sched = Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, blocks,
-                              cfg.cache.block_size, micro_batches=m)
+                              cfg.cache.block_size, micro_batches=m,
+                              skip_prefill=cfg.scheduler.benchmark_skip_prefill)
             self.engine = Engine(self.attn, self.executor, sched, cfg.max_model_len, tokenizer,
                                  eos_token_ids(cfg.model, mc, tokenizer), device=cfg.device,
                                  seed=cfg.seed + self.role.group)
             self.conn = connect(spec.frontend_address, spec.authkey, spec.timeout_s)
             self.conn.send(("hello", self.role.group, {"num_blocks": blocks, "block_size": cfg.cache.block_size}))
+
+    def _make_executor(self, spec: WorkerSpec, topo: Topology, groups, rank: int, kv) -> AttnPipelineExecutor:
+        """The ping-pong executor; only the leader holds the transport to the expert groups."""
+        cfg, mc = spec.config, spec.config.model_config
+        transport = None
+        if self.leader:
+            transport = TorchP2PTransport.attn_side(topo, rank, mc.hidden_size, mc.top_k, torch_dtype(cfg.dtype),
+                                                    cfg.device, cfg.scheduler.max_num_batched_tokens, groups=groups)
+        bcast = inputs_bcast = None
+        if self.tp_group is not None:
+            bcast = broadcast_tensor(self.tp_src, self.tp_group)
+            inputs_bcast = lambda inputs: broadcast_object(inputs, self.tp_src, self.tp_group)  # noqa: E731
+        return AttnPipelineExecutor(self.attn, kv, initial_placement(cfg), transport, cfg.parallel.micro_batches,
+                                    bcast, inputs_bcast)
 
     def loop(self) -> None:
         stop_requested = False
@@ -121,6 +128,23 @@ class AttnWorker:
             self.engine.add_request(rid, ids, params, prompt=prompt)
         except InvalidRequest as e:
             self.conn.send(("error", rid, str(e), e.param))
+
+
+class ColocatedWorker(AttnWorker):
+    """Colocated layout: an attention replica (the engine, as above) that also holds expert
+    group ``rank`` and exchanges routed rows with every rank per layer."""
+
+    def _make_executor(self, spec: WorkerSpec, topo: Topology, groups, rank: int, kv) -> ColocatedExecutor:
+        cfg, mc = spec.config, spec.config.model_config
+        placement = initial_placement(cfg)
+        per_layer = [placement.for_layer(layer).experts_of_group(rank) for layer in range(mc.num_layers)]
+        ckpt = open_checkpoint(cfg.model, cfg.load_format, torch_dtype(cfg.dtype), cfg.device, cfg.seed)
+        with load_progress(mc.num_layers, "loading expert weights", spec.show_progress and rank == 0) as bar:
+            experts = ExpertModel(mc, ckpt, per_layer, 0, 1, on_tensor=lambda: bar.update(1))
+        ckpt.close()
+        exchange = AllToAllExchange(rank, topo.n_a, mc.hidden_size, mc.top_k, torch_dtype(cfg.dtype), cfg.device,
+                                    cfg.scheduler.max_num_batched_tokens, group=groups.a2e)
+        return ColocatedExecutor(self.attn, kv, placement, experts, exchange, cfg.parallel.micro_batches)
 
 
 def _update(req: Request) -> tuple:

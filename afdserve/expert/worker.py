@@ -33,7 +33,8 @@ class ExpertWorker:
         if tp_group is not None:
             src = topo.expert_rank(self.role.group, 0)
             bcast = lambda rows: broadcast_object(rows, src, tp_group)  # noqa: E731
-        self.executor = ExpertPipelineExecutor(experts, transport, mc.num_layers, cfg.parallel.micro_batches, bcast)
+        self.executor = ExpertPipelineExecutor(experts, transport, mc.num_layers, cfg.parallel.micro_batches, bcast,
+                                               device=cfg.device)
         self.loader: threading.Thread | None = None
         self.next_experts: ExpertModel | None = None
         self.sync = StepSync(topo, rank, loading=lambda: self.loader is not None and self.loader.is_alive())

@@ -87,7 +87,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def start_engine(cfg: EngineConfig):
-    if cfg.parallel.disaggregated:
+    if cfg.parallel.multi_process:
         from afdserve.frontend import AFDFrontend
 
         p = cfg.parallel

@@ -75,12 +75,13 @@ def init_distributed(topology: Topology, rank: int, backend: str = "gloo", init_
                          f"({topology.n_a}x{topology.tp_a} attention + {topology.n_e}x{topology.tp_e} expert)")
     dev = _device(backend, rank, device)
     timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=topology.world_size,
+    # NCCL for CUDA tensors, Gloo for the CPU ones (the per-step flags, pickled objects)
+    pg_backend = "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+    dist.init_process_group(pg_backend, init_method=init_method, rank=rank, world_size=topology.world_size,
                             timeout=timeout)
     attn = [dist.new_group(topology.attn_group_ranks(g), timeout=timeout) for g in range(topology.n_a)]
     expert = [dist.new_group(topology.expert_group_ranks(g), timeout=timeout) for g in range(topology.n_e)]
-    leaders = topology.attn_leaders + topology.expert_leaders
-    a2e, e2a = (dist.new_group(leaders, timeout=timeout) for _ in range(2))
+    a2e, e2a = (dist.new_group(topology.leaders, timeout=timeout) for _ in range(2))
     check_T = torch.ones(1, device=dev)
     dist.all_reduce(check_T)
     if int(check_T.item()) != topology.world_size:

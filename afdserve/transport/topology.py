@@ -8,6 +8,10 @@ tensor-parallel ranks of a group are consecutive. With n_a=2, tp_a=2, n_e=3, tp_
 
 Only leaders talk to the other side; the other TP ranks of a group get their inputs from the
 leader through the group's TP process group (``groups.py``).
+
+Colocated (``colocated=True``, vLLM/SGLang's "DP attention + expert parallel"): rank g is both
+attention group g and expert group g (n_a = n_e, tp 1), so the world has n_a ranks and every
+rank is a leader of both sides.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["attn", "expert"]
+Role = Literal["attn", "expert", "colocated"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Topology:
     tp_a: int
     n_e: int
     tp_e: int
+    colocated: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_a", "tp_a", "n_e", "tp_e"):
@@ -52,6 +57,9 @@ class Topology:
                 raise ValueError(f"Topology.{name} must be an int, got {value!r}")
             if value < 1:
                 raise ValueError(f"Topology.{name} must be >= 1, got {value}")
+        if self.colocated and (self.n_a != self.n_e or self.tp_a != 1 or self.tp_e != 1):
+            raise ValueError(f"a colocated topology has one rank per group on both sides (n_a = n_e, tp 1), "
+                             f"got n_a={self.n_a}, tp_a={self.tp_a}, n_e={self.n_e}, tp_e={self.tp_e}")
 
     @property
     def num_attn_ranks(self) -> int:
@@ -63,7 +71,7 @@ class Topology:
 
     @property
     def world_size(self) -> int:
-        return self.num_attn_ranks + self.num_expert_ranks
+        return self.num_attn_ranks if self.colocated else self.num_attn_ranks + self.num_expert_ranks
 
     def attn_rank(self, group: int, tp_rank: int = 0) -> int:
         """Global rank of ``tp_rank`` in attention group ``group``."""
@@ -75,11 +83,13 @@ class Topology:
         """Global rank of ``tp_rank`` in expert group ``group``."""
         _check_index("expert group", group, self.n_e)
         _check_index("expert tp rank", tp_rank, self.tp_e)
-        return self.num_attn_ranks + group * self.tp_e + tp_rank
+        return (0 if self.colocated else self.num_attn_ranks) + group * self.tp_e + tp_rank
 
     def role_of(self, rank: int) -> RankRole:
         """The side, group and TP rank of global ``rank``."""
         _check_index("rank", rank, self.world_size)
+        if self.colocated:
+            return RankRole("colocated", rank, 0)
         if rank < self.num_attn_ranks:
             return RankRole("attn", rank // self.tp_a, rank % self.tp_a)
         local = rank - self.num_attn_ranks
@@ -103,11 +113,18 @@ class Topology:
         """Global rank of the TP leader of every expert group, in group order."""
         return [self.expert_rank(g) for g in range(self.n_e)]
 
+    @property
+    def leaders(self) -> list[int]:
+        """Every rank that leads a group on either side, ascending (each once)."""
+        return sorted(set(self.attn_leaders + self.expert_leaders))
+
     def describe(self, rank: int) -> str:
         """A rank for error messages, e.g. ``"rank 3 (expert group 1, tp rank 0)"``."""
         if not 0 <= rank < self.world_size:
             return f"rank {rank} (outside the topology of {self.world_size} ranks)"
         r = self.role_of(rank)
+        if r.role == "colocated":
+            return f"rank {rank} (colocated attention and expert group {r.group})"
         side = "attention" if r.role == "attn" else "expert"
         return f"rank {rank} ({side} group {r.group}, tp rank {r.tp_rank})"
 

@@ -64,3 +64,19 @@ def test_afd_matches_single_process(model, reference, topo):
         batch = llm.generate([p for p, _ in _workload()[:3]], _params(6))
     assert [done[str(i)] for i in range(len(reference))] == reference
     assert [o.outputs[0].token_ids for o in batch] == [r[:6] for r in reference[:3]]
+
+
+# (processes, m): every process an attention replica and an expert group
+COLOCATED = [(1, 1), (2, 1), (3, 2)]
+
+
+@pytest.mark.parametrize("ranks,m", COLOCATED, ids=lambda v: str(v))
+def test_colocated_matches_single_process(model, reference, ranks, m):
+    with LLM(model, max_num_batched_tokens=BUDGET, attn_groups=ranks, micro_batches=m, layout="colocated") as llm:
+        assert llm.config.parallel.expert_groups == ranks
+        done = _run_staggered(llm.engine, _workload())
+        batch = llm.generate([p for p, _ in _workload()[:3]], _params(6))
+        stats = llm.engine.stats()
+    assert [done[str(i)] for i in range(len(reference))] == reference
+    assert [o.outputs[0].token_ids for o in batch] == [r[:6] for r in reference[:3]]
+    assert sum(stats["expert_group_tokens"]) > 0 and len(stats["expert_group_tokens"]) == ranks

@@ -59,3 +59,15 @@ def test_out_of_range_indices():
         t.attn_rank(2)
     with pytest.raises(ValueError, match="expert tp rank 1"):
         t.expert_rank(0, 1)
+
+
+def test_colocated_topology():
+    topo = Topology(3, 1, 3, 1, colocated=True)
+    assert topo.world_size == 3
+    assert [topo.role_of(r).role for r in range(3)] == ["colocated"] * 3
+    assert topo.attn_leaders == topo.expert_leaders == topo.leaders == [0, 1, 2]
+    assert topo.expert_rank(2) == topo.attn_rank(2) == 2
+    assert "colocated attention and expert group 1" in topo.describe(1)
+    for bad in ((2, 1, 3, 1), (2, 2, 2, 1), (2, 1, 2, 2)):
+        with pytest.raises(ValueError, match="colocated"):
+            Topology(*bad, colocated=True)

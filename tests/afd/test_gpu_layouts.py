@@ -1,0 +1,45 @@
+"""The multi-process layouts on GPUs (NCCL for tensors, Gloo for the per-step flags): the AFD
+pipeline and the colocated exchange give the single-process engine's greedy tokens on CUDA.
+Needs two GPUs; skipped otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afdserve import LLM, SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+LAYOUTS = {  # name: options (two GPUs, one process each)
+    "afd_m1": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=1),
+    "afd_m3": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=3),
+    "colocated_2": dict(layout="colocated", attn_groups=2),
+}
+
+
+@pytest.fixture(scope="module")
+def gpus():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+
+
+def _prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (1, 7, 33, 20, 64)]
+
+
+def _generate(model: str, **options) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with LLM(model, device="cuda", dtype="float32", max_num_batched_tokens=48, enforce_eager=True, **options) as llm:
+        return [o.outputs[0].token_ids for o in llm.generate(_prompts(), params)]
+
+
+@pytest.fixture(scope="module")
+def reference(gpus, tiny_models) -> list[list[int]]:
+    return _generate(tiny_models["mixtral"])
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process_on_gpu(tiny_models, reference, name):
+    assert _generate(tiny_models["mixtral"], **LAYOUTS[name]) == reference
