@@ -55,12 +55,12 @@ def worker_main(rank: int, world_size: int, init_method: str, spec: WorkerSpec) 
     torch.manual_seed(spec.config.seed)
     if spec.config.device == "cpu":
         torch.set_num_threads(1)  # many ranks share the cores
-    try:
-        worker = {"attn": AttnWorker, "expert": ExpertWorker, "colocated": ColocatedWorker}[topo.role_of(rank).role]
-        worker(spec, topo, groups, rank).loop()
-        op_timing.write(rank)
-    finally:
-        groups.destroy()
+    worker = {"attn": AttnWorker, "expert": ExpertWorker, "colocated": ColocatedWorker}[topo.role_of(rank).role]
+    worker(spec, topo, groups, rank).loop()
+    op_timing.write(rank)
+    # only after a clean exit: tearing down NCCL groups with operations in flight can hang, so a
+    # rank that raised leaves without it (the launcher reports the error and stops the others)
+    groups.destroy()
 
 
 @dataclass

@@ -157,7 +157,9 @@ def run_layout(model_dir: str, cfg: dict, lay: Layout, batches: list[int], input
                          "tok_s": total * output_len / elapsed,
                          "tok_s_per_gpu": total * output_len / elapsed / lay.num_gpus,
                          "tbt_mean_ms": 1e3 * statistics.mean(itl), "tbt_p99_ms": 1e3 * transfer.p99(itl)})
-            print(json.dumps(rows[-1]), flush=True)
+            r = rows[-1]
+            print(f"  {lay.name} b={b}: {r['tok_s_per_gpu']:.0f} tok/s/GPU, TBT {r['tbt_mean_ms']:.1f} ms "
+                  f"(p99 {r['tbt_p99_ms']:.1f})", flush=True)
     finally:
         llm.shutdown()
         del llm
@@ -418,6 +420,8 @@ def main() -> None:
             r |= predict(r, shape, prof, comm, ctx)
             tbt = r["pred_tbt_ms"] / 1e3
             r["pred_tok_s_per_gpu"] = r["total_batch"] / tbt / lay.num_gpus
+            with open(os.path.join(args.out_dir, "rows.jsonl"), "a") as f:  # survives a later timeout
+                f.write(json.dumps(r) + "\n")
         rows += got
         print(f"[{lay.name} {time.perf_counter() - t0:.0f} s]", flush=True)
     ok = [r for r in rows if "error" not in r]

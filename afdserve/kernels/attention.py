@@ -115,6 +115,8 @@ def decode_attention(q_BHHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     g, bs = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q_BHHd.stride(2) == 1
     out = torch.empty_like(q_BHHd)
+    if b == 0:  # an empty micro-batch (an idle replica still steps)
+        return out
     block_n, hd_pad, qh = 64, triton.next_power_of_2(hd), h // g
     splits = num_splits or _num_splits(b, g, max_ctx_len, block_n, q_BHHd.device)
     assert splits <= MAX_SPLITS

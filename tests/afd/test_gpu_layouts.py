@@ -43,3 +43,13 @@ def reference(gpus, tiny_models) -> list[list[int]]:
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process_on_gpu(tiny_models, reference, name):
     assert _generate(tiny_models["mixtral"], **LAYOUTS[name]) == reference
+
+
+def test_empty_micro_batches_on_gpu(gpus, tiny_models, reference):
+    """One request, three micro-batches, two replicas: empty micro-batches and an idle replica
+    run every kernel with zero tokens."""
+    model = tiny_models["mixtral"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for options in (LAYOUTS["afd_m3"], LAYOUTS["colocated_2"]):
+        with LLM(model, device="cuda", dtype="float32", enforce_eager=True, **options) as llm:
+            assert llm.generate([_prompts()[2]], params)[0].outputs[0].token_ids == reference[2]
