@@ -223,21 +223,25 @@ def fit_profile(shape, device, max_pairs: int, batches: tuple[int, ...], seq_len
     pairs = tuple(sorted({64, 256, 1024, 2048, max_pairs}))
     expert, expert_samples = measure_expert(shape, 1, pairs, device, dtype, held_counts=(4, 8))
     extra = {}
-    for name, make in (("route", _route_runner), ("sample", _sample_runner)):
+    runners = {"route1": _route_runner(1), "route2": _route_runner(2), "sample": _sample_runner}
+    for name, make in runners.items():
         samples = [(b, median_time_s(make(shape, b, device, dtype, route, contiguous_placement), device, iters=5))
                    for b in batches]
         x = np.array([[b, 1.0] for b, _ in samples])
         extra[name] = [float(c) for c in fit_nonneg(x, np.array([t for _, t in samples]))]
-    return {"attn": attn, "expert": expert, "route": extra["route"], "sample": extra["sample"],
-            "samples": {"attn": attn_samples, "expert": expert_samples}}
+    return {"attn": attn, "expert": expert, "route": {1: extra["route1"], 2: extra["route2"]},
+            "sample": extra["sample"], "samples": {"attn": attn_samples, "expert": expert_samples}}
 
 
-def _route_runner(shape, b, device, dtype, route, contiguous_placement):
-    x = torch.randn(b, shape.hidden, device=device, dtype=dtype)
-    ids = torch.randint(0, shape.num_experts, (b, shape.top_k), device=device)
-    w = torch.rand(b, shape.top_k, device=device)
-    placement = contiguous_placement(shape.num_experts, 2)
-    return lambda: route(x, ids, w, placement)
+def _route_runner(groups: int):
+    """The attention side's split of a micro-batch's rows over ``groups`` expert groups."""
+    def make(shape, b, device, dtype, route, contiguous_placement):
+        x = torch.randn(b, shape.hidden, device=device, dtype=dtype)
+        ids = torch.randint(0, shape.num_experts, (b, shape.top_k), device=device)
+        w = torch.rand(b, shape.top_k, device=device)
+        placement = contiguous_placement(shape.num_experts, groups)
+        return lambda: route(x, ids, w, placement)
+    return make
 
 
 def _sample_runner(shape, b, device, dtype, route, contiguous_placement):
@@ -252,7 +256,7 @@ def predict(row: dict, shape, prof: dict, comm: list[dict], ctx: float) -> dict:
 
     L, K, E = shape.num_layers, shape.top_k, shape.num_experts
     row_bytes = shape.hidden * shape.dtype_bytes + 8 * K
-    r0, r1 = prof["route"]
+    r0, r1 = prof["route"][min(2, row["n_e"])] if row["kind"] != "single" else (0.0, 0.0)
     s0, s1 = prof["sample"]
     b, m = row["b"], row["m"]
     if row["kind"] == "afd":
@@ -356,7 +360,8 @@ def main() -> None:
     ap.add_argument("--layouts", default="afd:1x1:m1,afd:1x1:m2,afd:1x1:m3,afd:1x1:m4,colocated:2,single")
     ap.add_argument("--input-len", type=int, default=571)
     ap.add_argument("--output-len", type=int, default=159)
-    ap.add_argument("--batches", default="auto", help="per-replica batches, or auto: max/4 and the memory max")
+    ap.add_argument("--batches", default="auto",
+                    help="per-replica batches (comma-separated), max: the memory max, auto: max/4 and max")
     ap.add_argument("--slo-ms", type=float, default=150.0)
     ap.add_argument("--headroom-gb", type=float, default=14.0, help="GPU memory kept free of weights and KV")
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a dry run")
@@ -394,9 +399,15 @@ def main() -> None:
         print(transfer.table(comm), flush=True)
     print(f"[transfer {time.perf_counter() - t0:.0f} s]", flush=True)
 
-    plan = {lay: (sorted({max(16, max_batch(cfg, lay, seq_len, gpu_bytes, args.headroom_gb * 1e9) // 4 // 16 * 16),
-                          max_batch(cfg, lay, seq_len, gpu_bytes, args.headroom_gb * 1e9)})
-                  if args.batches == "auto" else [int(x) for x in args.batches.split(",")]) for lay in layouts}
+    def batches_of(lay: Layout) -> list[int]:
+        top = max_batch(cfg, lay, seq_len, gpu_bytes, args.headroom_gb * 1e9)
+        if args.batches == "max":
+            return [top]
+        if args.batches == "auto":
+            return sorted({max(16, top // 4 // 16 * 16), top})
+        return [int(x) for x in args.batches.split(",")]
+
+    plan = {lay: batches_of(lay) for lay in layouts}
     all_b = sorted({b for bs in plan.values() for b in bs})
     t0 = time.perf_counter()
     prof = fit_profile(shape, device, 2 * max(all_b), tuple(sorted({16, 64, 256, max(all_b)})),

@@ -46,6 +46,10 @@ def route(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.Tensor
     """
     num_tokens, num_groups = x_TD.shape[0], placement.num_groups
     group_TK, slot_TK = placement.assign(topk_ids_TK)
+    if num_groups == 1:  # every row goes to the one group in token order: no permutation, no host sync
+        rows_T = torch.arange(num_tokens, device=x_TD.device)
+        sends = [Rows(x_TD, slot_TK.to(torch.int32), topk_w_TK.float())]
+        return sends, RouteHandle(rows_T, (num_tokens,), (rows_T,))
     on_TG = torch.zeros(num_tokens, num_groups, dtype=torch.bool, device=x_TD.device)
     on_TG.scatter_(1, group_TK, True)
     group_R, token_R = on_TG.t().nonzero(as_tuple=True)  # row-major over [G, T]: group, then token
@@ -76,6 +80,8 @@ def unroute(partials: Sequence[torch.Tensor], handle: RouteHandle, num_tokens: i
     for g, (p, n) in enumerate(zip(partials, handle.counts)):
         if p.shape[0] != n:
             raise ValueError(f"partial output of expert group {g} has {p.shape[0]} rows, {n} were sent")
+    if len(partials) == 1 and handle.counts[0] == num_tokens:  # one group, token order (see route)
+        return partials[0]
     part_RD = torch.cat(list(partials))
     y_TD = torch.zeros(num_tokens, part_RD.shape[1], dtype=part_RD.dtype, device=part_RD.device)
     for rows in handle.pass_rows:
