@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from afdserve.transport.base import Rows, check_capacity
-from afdserve.transport.torch_p2p import pack_rows, unpack_rows
+from afdserve.transport.torch_p2p import host_to_device, pack_rows, unpack_rows
 
 
 class AllToAllExchange:
@@ -32,6 +32,7 @@ class AllToAllExchange:
         self.hidden_size, self.top_k, self.dtype = hidden_size, top_k, dtype
         self.device, self.capacity = torch.device(device), capacity
         self.row_bytes = 8 * top_k + hidden_size * dtype.itemsize
+        self._staged: list[torch.Tensor] = []  # pinned count buffers of the exchange in flight
 
     def dispatch(self, layer: int, mb: int, sends: Sequence[Rows]) -> tuple[list[Rows], list[int], list[int]]:
         """Send ``sends[r]`` to rank r; returns (one ``Rows`` per source rank, rows sent per
@@ -42,7 +43,8 @@ class AllToAllExchange:
             rows.check(self.hidden_size, self.top_k, self.dtype, f"rank {self.rank} dispatch to rank {peer}")
             check_capacity(rows.num_rows, self.capacity, f"rank {self.rank}", f"rank {peer}", layer, mb)
         sent = [rows.num_rows for rows in sends]
-        counts_out = torch.tensor(sent, dtype=torch.int64, device=self.device)
+        self._staged.clear()  # the previous exchange read its counts back: its copy is done
+        counts_out = host_to_device(sent, self.device, self._staged)
         counts_in = torch.empty_like(counts_out)
         dist.all_to_all_single(counts_in, counts_out, group=self.group)
         received = counts_in.tolist()

@@ -127,7 +127,7 @@ class TorchP2PTransport:
             check_capacity(rows.num_rows, self.capacity, self._me(), self._who(peer), layer, mb)
         handle = self._open_slot(layer, mb)
         handle.counts = [rows.num_rows for rows in sends]
-        counts_G = torch.tensor(handle.counts, dtype=torch.int64, device=self.device)
+        counts_G = host_to_device(handle.counts, self.device, handle.tensors)
         sends_ops, reply_ops = [], []
         for g, (peer, rows) in enumerate(zip(self.peers, sends)):
             sends_ops.append(self._op(dist.isend, counts_G[g:g + 1], peer, layer, mb, COUNT))
@@ -244,6 +244,17 @@ class TorchP2PTransport:
 
     def _who(self, rank: int) -> str:
         return self.topology.describe(rank)
+
+
+def host_to_device(values: list[int], device: torch.device, keep: list) -> torch.Tensor:
+    """An int64 tensor of ``values`` on ``device`` without waiting for the GPU: staged in pinned
+    memory and copied asynchronously (a plain copy from pageable memory would make the host wait
+    for all queued GPU work). The staging tensor goes into ``keep`` and must outlive the copy."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    staged = torch.tensor(values, dtype=torch.int64).pin_memory()
+    keep.append(staged)
+    return staged.to(device, non_blocking=True)
 
 
 def _issue(ops: list) -> list:
