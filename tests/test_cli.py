@@ -48,3 +48,12 @@ def test_generate_reads_a_plan_file(tiny_models, tmp_path):
     assert "afd: 2 attention group(s) x tp 1, 2 expert group(s) x tp 1, 2 micro-batch(es)" in planned.stderr
     bad = _run(*args, "--plan", str(tmp_path / "missing.json"))
     assert bad.returncode == 2 and "cannot use plan file" in bad.stderr
+
+
+def test_colocated_layout_from_the_cli(tiny_models, capsys):
+    from afdserve.__main__ import main
+
+    assert main(["generate", "--model", tiny_models["qwen3_moe"], "--prompt", "Hi", "--max-tokens", "3",
+                 "--layout", "colocated", "--data-parallel-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "colocated: 2 process(es)" in err

@@ -47,3 +47,15 @@ def test_bad_plan_files(tmp_path, edit, match):
     path.write_text(json.dumps(d))
     with pytest.raises(ValueError, match=match):
         load_plan(str(path))
+
+
+def test_colocated_plan_file_starts_the_colocated_layout(tmp_path, tiny_models):
+    from dataclasses import replace
+
+    from afdserve.config import make_config
+
+    path = str(tmp_path / "plan.json")
+    write_plan(path, replace(PLAN, layout="colocated", n_a=2, tp_a=1, n_e=2, tp_e=1, m=1), "tiny")
+    cfg = make_config(tiny_models["mixtral"], **load_plan(path))
+    assert cfg.parallel.colocated and cfg.parallel.multi_process and not cfg.parallel.disaggregated
+    assert (cfg.parallel.attn_groups, cfg.parallel.expert_groups) == (2, 2)
