@@ -146,10 +146,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     res = search(req)
     print(search_report(res, time.perf_counter() - t0))
-    if not res.plans:
+    runnable = res.plans[:1] + [p for p in res.baselines if p.layout == "colocated"][:1]  # TP-colocated: not ours
+    if not runnable:
         return 1
-    write_plan(args.out, res.plans[0], shape.name, request_inputs(req))
-    print(f"\nwrote {os.path.abspath(args.out)} (serve with the parallel options it holds)")
+    best = max(runnable, key=lambda p: p.tok_s_per_cost)
+    write_plan(args.out, best, shape.name, request_inputs(req))
+    print(f"\nwrote {os.path.abspath(args.out)}: the {best.layout} plan ({best.tok_s_per_cost:.1f} tok/s per cost; "
+          "serve with the parallel options it holds)")
     return 0
 
 

@@ -47,7 +47,7 @@ class PlanRequest:
 
 @dataclass(frozen=True)
 class Plan:
-    layout: str  # "afd" or "colocated"
+    layout: str  # "afd", "colocated" (DP attention + EP, one process per GPU) or "colocated-tp"
     attn_gpu: str
     expert_gpu: str
     tp_a: int

@@ -12,7 +12,7 @@ _HEAD = (f"{'#':>2} {'attn':>10} {'expert':>11} {'m':>2} {'b_a':>5} {'B':>6} {'G
 
 def plan_row(i: int, p: Plan) -> str:
     attn = f"{p.n_a}x{p.attn_gpu}/tp{p.tp_a}"
-    expert = f"{p.n_e}x{p.expert_gpu}/tp{p.tp_e}" if p.layout == "afd" else "(colocated)"
+    expert = {"afd": f"{p.n_e}x{p.expert_gpu}/tp{p.tp_e}", "colocated": "(EP, same)"}.get(p.layout, "(TP, same)")
     notes = [f"{p.limited_by}-bound"]
     failed = [k for k, ok in p.conditions.items() if not ok]
     if failed:
@@ -42,7 +42,8 @@ def search_report(res: SearchResult, elapsed_s: float) -> str:
     lines = [f"AFD plans (best {len(res.plans)} by throughput per unit cost; "
              f"{res.candidates} candidates bounded, {res.simulated} simulations, {elapsed_s:.2f} s):",
              plans_table(res.plans) if res.plans else "  none meets the SLO and memory limits", "",
-             "Colocated baseline (TP, attention and experts on the same GPUs, m = 1):",
+             "Colocated baselines (attention and experts on the same GPUs, m = 1; TP: one tensor-parallel group "
+             "holding every expert; EP: one process per GPU, data-parallel attention, experts split):",
              plans_table(res.baselines) if res.baselines else "  none fits"]
     if res.plans and res.baselines:
         best, base = res.plans[0], res.baselines[0]

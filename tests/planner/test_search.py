@@ -110,3 +110,28 @@ def test_skewed_routing_lowers_the_best_plan_and_replicas_place_it():
     replicated = with_placement(wl, 8, 4, 2)
     assert replicated.group_share.max() < contiguous_max
     assert replicated.slots_held.max() == 3  # ceil((8 + 2) / 4) slots per group, copies in use
+
+
+def test_expert_parallel_colocated_baseline_is_what_the_runtime_runs():
+    """EP baselines (one process per GPU, experts split) next to the TP ones: a step is
+    L·(T_a + T_e + 2·T_c) + sampling at the largest batch that meets the SLO and fits memory,
+    each GPU holding E/n experts, and the plan file starts ``--layout colocated``."""
+    from afdserve.planner.plan_file import plan_to_dict
+
+    req = PlanRequest(PRESETS["Mixtral-8x7B"], (get_gpu("H200"),), (get_gpu("H200"),), 0.150, 730,
+                      sample_s=0.002)
+    res = search(req)
+    ep = [p for p in res.baselines if p.layout == "colocated"]
+    tp = [p for p in res.baselines if p.layout == "colocated-tp"]
+    assert ep and tp and {p.n_a for p in ep} == {2, 4, 8}
+    shape = req.shape
+    for p in ep:
+        assert (p.n_a, p.n_e, p.tp_a, p.tp_e, p.m, p.num_gpus) == (p.n_a, p.n_a, 1, 1, 1, p.n_a)
+        assert p.step_s == pytest.approx(shape.num_layers * (p.t_a_s + p.t_e_s + 2 * p.t_c_s) + 0.002)
+        assert p.step_s <= 0.150 and p.t_c_s > 0
+        assert p.attn_mem_frac <= 1.0
+        par = plan_to_dict(p, shape.name)["parallel"]
+        assert par["layout"] == "colocated" and par["attn_groups"] == par["expert_groups"] == p.n_a
+    # fewer experts per GPU leave more memory for KV: the per-GPU batch grows with n
+    by_n = {p.n_a: p.b_a for p in ep}
+    assert by_n[2] <= by_n[4] <= by_n[8]
