@@ -174,7 +174,12 @@ class ParallelConfig:
                 raise ConfigError("the colocated layout runs one process per GPU holding attention and its share of "
                                   "the experts; tensor parallelism inside it is not supported (attn_tp and expert_tp "
                                   "must be 1)")
-            if self.expert_groups == 1:  # vLLM's DP + expert parallel: one expert group per DP rank
+            if self.micro_batches != 1:
+                raise ConfigError("the colocated layout runs one micro-batch per step (overlapping two batches is "
+                                  f"not implemented); micro_batches must be 1, got {self.micro_batches}")
+            # vLLM's DP + expert parallel: one expert group per DP rank; filled in here, so a
+            # colocated config always reads expert_groups == attn_groups
+            if self.expert_groups == 1:
                 object.__setattr__(self, "expert_groups", self.attn_groups)
             if self.expert_groups != self.attn_groups:
                 raise ConfigError(f"the colocated layout has one expert group per attention replica: expert_groups "
@@ -274,6 +279,10 @@ def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: i
     if cfg.parallel.colocated and cfg.eplb.enable_eplb:
         raise ConfigError("live expert re-placement (enable_eplb) is not supported with the colocated layout yet; "
                           "use num_redundant_experts or expert_load_file for a static placement")
+    if cfg.parallel.colocated and cfg.parallel.attn_groups > cfg.model_config.num_experts:
+        raise ConfigError(f"the colocated layout gives each of its attn_groups (--data-parallel-size) "
+                          f"{cfg.parallel.attn_groups} processes a share of the experts, but the model has only "
+                          f"{cfg.model_config.num_experts}")
     if cfg.parallel.expert_groups > cfg.model_config.num_experts:
         raise ConfigError(f"expert_groups={cfg.parallel.expert_groups} exceeds the model's "
                           f"{cfg.model_config.num_experts} experts")

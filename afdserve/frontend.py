@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection, Listener, wait
 
 import torch
 
-from afdserve.config import EngineConfig
+from afdserve.config import ConfigError, EngineConfig
 from afdserve.core import InvalidRequest, Request, RequestStatus, SamplingParams
 from afdserve.engine import validate_request
 from afdserve.expert.eplb import LoadWindow, initial_placement, placement_for_loads, placement_group_loads
@@ -153,6 +153,9 @@ class AFDFrontend:
 
     def request_placement(self, placement) -> None:
         """Have the workers switch to ``placement`` between two steps (no request stops)."""
+        if self.cfg.parallel.colocated:
+            raise ConfigError("live expert re-placement is not supported with the colocated layout yet (its "
+                              "processes would route to experts they have not loaded)")
         self.placement_version = placement.version
         self._requested = placement
         self.conns[0].send(("placement", placement))

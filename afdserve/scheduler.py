@@ -40,11 +40,11 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
-            if self.skip_prefill:
-                req.num_computed = max(req.num_computed, req.num_tokens - 1)
-            n = min(req.num_tokens - req.num_computed, budget)
-            if not self._grow(req, req.num_computed + n):
+            start = max(req.num_computed, req.num_tokens - 1) if self.skip_prefill else req.num_computed
+            n = min(req.num_tokens - start, budget)
+            if not self._grow(req, start + n):
                 break
+            req.num_computed = start
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)

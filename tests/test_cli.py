@@ -57,3 +57,10 @@ def test_colocated_layout_from_the_cli(tiny_models, capsys):
                  "--layout", "colocated", "--data-parallel-size", "2"]) == 0
     err = capsys.readouterr().err
     assert "colocated: 2 process(es)" in err
+
+
+def test_serve_refuses_the_benchmark_skip_prefill_flag(capsys):
+    from afdserve.__main__ import main
+
+    assert main(["serve", "--benchmark-skip-prefill", "--port", "0"]) == 2
+    assert "benchmark" in capsys.readouterr().err

@@ -129,6 +129,9 @@ def test_benchmark_skip_prefill_starts_decoding_at_once(model):
     (dict(layout="colocated", attn_groups=2, attn_tp=2), "tensor parallelism"),
     (dict(layout="colocated", attn_groups=2, expert_groups=3), "expert_groups"),
     (dict(layout="colocated", attn_groups=2, enable_eplb=True), "enable_eplb"),
+    (dict(layout="colocated", attn_groups=2, expert_tp=2), "tensor parallelism"),
+    (dict(layout="colocated", attn_groups=2, micro_batches=2), "one micro-batch"),
+    (dict(layout="colocated", attn_groups=99), "data-parallel-size"),
 ])
 def test_colocated_layout_rejects_what_it_cannot_run(model, options, match):
     from afdserve.config import ConfigError, make_config

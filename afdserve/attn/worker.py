@@ -132,7 +132,8 @@ class AttnWorker:
 
 class ColocatedWorker(AttnWorker):
     """Colocated layout: an attention replica (the engine, as above) that also holds expert
-    group ``rank`` and exchanges routed rows with every rank per layer."""
+    group ``rank`` and exchanges routed rows with every rank per layer. Its placement is fixed
+    at start (the frontend refuses live re-placement for this layout)."""
 
     def _make_executor(self, spec: WorkerSpec, topo: Topology, groups, rank: int, kv) -> ColocatedExecutor:
         cfg, mc = spec.config, spec.config.model_config

@@ -132,9 +132,9 @@ def step_time_s(t_a_s: float, t_e_s: float, t_c_s: float, m: int, num_layers: in
     sides and the links) needs m·T_b per layer for all micro-batches, T_b = max(T_a, T_e, T_c), so
     a layer's period is P = max(m·T_b, T_a + T_e + 2T_c) and the step
     (L-1)·P + (T_a + T_e + 2T_c) + (m-1)·T_b. With the pipeline full (eq. 3:
-    m >= 2(1 + T_c/T_f)) this is eq. 5, (T_a + T_e + 2T_c) + T_f·(m·L - 1), exactly; with m = 1 it
-    is L·(T_a + T_e + 2T_c), exactly (nothing overlaps); in between, within T_f of the replay
-    (``simulator``), which the planner's search uses."""
+    m >= 2(1 + T_c/T_f)) this is eq. 5, (T_a + T_e + 2T_c) + T_f·(m·L - 1); with m = 1 it is
+    L·(T_a + T_e + 2T_c) (nothing overlaps). Equal to the simulator's replay of the schedule with
+    uniform costs in every regime (tests/planner/test_simulator.py)."""
     t_b, loop = max(t_a_s, t_e_s, t_c_s), t_a_s + t_e_s + 2 * t_c_s
     return (num_layers - 1) * max(m * t_b, loop) + loop + (m - 1) * t_b
 

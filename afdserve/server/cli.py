@@ -58,6 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     model = args.model or default_model_dir()
+    if args.benchmark_skip_prefill:
+        raise ConfigError("--benchmark-skip-prefill makes every completion meaningless; it is for decode benchmarks "
+                          "(LLM/generate), not for serving clients")
     sock = bind(args.host, args.port)
     cfg = make_config(model, **engine_kwargs(args))
     template = load_chat_template(args.chat_template)
