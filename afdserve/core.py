@@ -89,6 +89,11 @@ class Request:
     max_total_tokens: int = 0  # prompt + output limit (context length or prompt + max_tokens)
     prompt: str | None = None
     output_text: str = ""
+    # incremental detokenization (output.py): output tokens before detok_prefix only give the
+    # decoder context; those in [detok_prefix, detok_read) are already in output_text
+    detok_prefix: int = 0
+    detok_read: int = 0
+    text_sent: int = 0  # characters of output_text a worker already reported to its frontend
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -18,20 +18,35 @@ def append_token(req: Request, token: int, logprobs: dict[int, float] | None, to
             reason, req.stop_reason = "stop", token
         elif not p.ignore_eos and token in eos_ids:
             reason = "stop"
+    at_length = n >= req.max_total_tokens - req.num_prompt_tokens or req.num_tokens >= max_model_len
     if tokenizer is not None:
-        reason = _update_text(req, tokenizer) or reason
-    if reason is None and (n >= req.max_total_tokens - req.num_prompt_tokens or req.num_tokens >= max_model_len):
+        reason = _update_text(req, tokenizer, final=reason is not None or at_length) or reason
+    if reason is None and at_length:
         reason = "length"
     return reason
 
 
-def _update_text(req: Request, tokenizer) -> str | None:
-    """Decode the output so far; on a stop string, cut the text there and return "stop"."""
+def detokenize_step(req: Request, tokenizer, final: bool = False) -> str:
+    """The text the newest tokens add (vLLM's incremental scheme): decode a window of a few
+    tokens before the new ones and keep what the new ones add, so each token costs O(window),
+    not O(output). Text is held back while it ends in an incomplete character (U+FFFD), unless
+    ``final``."""
+    ids, skip = req.output_token_ids, req.params.skip_special_tokens
+    before = tokenizer.decode(ids[req.detok_prefix:req.detok_read], skip_special_tokens=skip)
+    after = tokenizer.decode(ids[req.detok_prefix:], skip_special_tokens=skip)
+    if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+        return ""
+    req.detok_prefix, req.detok_read = req.detok_read, len(ids)
+    return after[len(before):]
+
+
+def _update_text(req: Request, tokenizer, final: bool) -> str | None:
+    """Extend the output text; on a stop string, cut the text there and return "stop"."""
     p = req.params
     old_len = len(req.output_text)
-    text = tokenizer.decode(req.output_token_ids, skip_special_tokens=p.skip_special_tokens)
-    req.output_text = text
-    if not p.stop or len(req.output_token_ids) < p.min_tokens:
+    req.output_text += detokenize_step(req, tokenizer, final)
+    text = req.output_text
+    if not p.stop or len(req.output_token_ids) < p.min_tokens or len(text) == old_len:
         return None
     search_from = max(0, old_len - max(len(s) for s in p.stop) + 1)
     hits = [(i, s) for s in p.stop if (i := text.find(s, search_from)) >= 0]

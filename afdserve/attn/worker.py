@@ -149,6 +149,11 @@ class ColocatedWorker(AttnWorker):
 
 
 def _update(req: Request) -> tuple:
-    """What the frontend needs of a request after a step (the newest token and its logprobs)."""
+    """What the frontend needs of a request after a step: the newest token and its logprobs,
+    and the text as (kept, added): keep the first ``kept`` characters of what was sent, then
+    append ``added`` (the text only grows, except when a stop string cuts it at the end)."""
     lp = req.output_logprobs[-1] if req.output_logprobs else None
-    return (req.request_id, req.output_token_ids[-1], lp, req.output_text, req.finish_reason, req.stop_reason)
+    text = req.output_text
+    kept = min(req.text_sent, len(text))
+    req.text_sent = len(text)
+    return (req.request_id, req.output_token_ids[-1], lp, kept, text[kept:], req.finish_reason, req.stop_reason)
