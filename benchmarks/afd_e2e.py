@@ -265,7 +265,9 @@ def predict(row: dict, shape, prof: dict, comm: list[dict], ctx: float) -> dict:
         t_a = attn_time_s(bm, ctx, prof["attn"]) + r0 * bm + r1
         t_e = expert_time_s(bm * row["n_a"] * K * held / E, held, prof["expert"])
         rows_out = bm * group_hit_prob(E, K, held)
-        t_c = comm_time_s(comm, "afdserve_p2p", rows_out * row_bytes)
+        # the busier end: an attention GPU sends its rows, an expert GPU receives every group's
+        t_c = max(comm_time_s(comm, "afdserve_p2p", rows_out * row_bytes),
+                  comm_time_s(comm, "afdserve_p2p", row["n_a"] * rows_out * row_bytes))
         step = step_time_s(t_a, t_e, t_c, m, L)
     elif row["kind"] == "colocated":
         held = E // row["n_e"]
@@ -336,6 +338,35 @@ def plot_m_sweep(rows: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_ratio_sweep(rows: list[dict], best: dict[str, dict], path: str, title: str) -> None:
+    """Tokens/s per GPU against attention GPUs per expert GPU (the paper's Fig. 15 analogue):
+    the best batch under the SLO per layout, measured and predicted (the planner's model, equal
+    to the simulator's replay for uniform costs), colocated layouts as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    afd = sorted((r for r in best.values() if r["kind"] == "afd" and r["n_e"] == 1), key=lambda r: (r["n_a"], r["m"]))
+    if len({r["n_a"] for r in afd}) < 2:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in sorted({r["m"] for r in afd}):
+        pts = [r for r in afd if r["m"] == m]
+        ax.plot([r["n_a"] for r in pts], [r["tok_s_per_gpu"] for r in pts], "o-", label=f"AFD m={m}, measured")
+        ax.plot([r["n_a"] for r in pts], [r["pred_tok_s_per_gpu"] for r in pts], "x--", label=f"AFD m={m}, predicted")
+    for r in best.values():
+        if r["kind"] == "colocated":
+            ax.axhline(r["tok_s_per_gpu"], linestyle=":", color="gray")
+            ax.text(afd[0]["n_a"], r["tok_s_per_gpu"], f" {r['layout']}", va="bottom", fontsize=8)
+    ax.set_xlabel("attention GPUs per expert GPU")
+    ax.set_ylabel("decode tokens/s per GPU (best batch under the SLO)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def table(rows: list[dict]) -> str:
     head = (f"{'layout':22s} {'b':>5s} {'tok/s/GPU':>9s} {'TBT ms':>7s} {'p99':>6s} {'step':>6s} {'pred':>6s} "
             f"{'err':>5s} {'T_a':>5s} {'T_e':>5s} {'T_c*':>5s} {'busyA':>5s} {'busyE':>5s}")
@@ -361,7 +392,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=571)
     ap.add_argument("--output-len", type=int, default=159)
     ap.add_argument("--batches", default="auto",
-                    help="per-replica batches (comma-separated), max: the memory max, auto: max/4 and max")
+                    help="per-replica batches (comma-separated), max: the memory max, auto: max/4 and max, "
+                         "f0.25,f0.5,f1: fractions of the memory max")
     ap.add_argument("--slo-ms", type=float, default=150.0)
     ap.add_argument("--headroom-gb", type=float, default=14.0, help="GPU memory kept free of weights and KV")
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a dry run")
@@ -405,6 +437,8 @@ def main() -> None:
             return [top]
         if args.batches == "auto":
             return sorted({max(16, top // 4 // 16 * 16), top})
+        if args.batches.startswith("f"):  # fractions of the memory max, e.g. f0.25,f0.5,f1
+            return sorted({max(16, int(float(x[1:]) * top) // 16 * 16) for x in args.batches.split(",")})
         return [int(x) for x in args.batches.split(",")]
 
     plan = {lay: batches_of(lay) for lay in layouts}
@@ -452,6 +486,8 @@ def main() -> None:
         json.dump(result, f, indent=1)
     plot_m_sweep(ok, os.path.join(args.out_dir, name + "_m_sweep.png"),
                  f"Mixtral-8x7B, {args.input_len}/{args.output_len}, 1 attention + 1 expert GPU")
+    plot_ratio_sweep(ok, result["best_under_slo"], os.path.join(args.out_dir, name + "_ratio_sweep.png"),
+                     f"Mixtral-8x7B, {args.input_len}/{args.output_len}, TBT SLO {args.slo_ms:g} ms")
     print(table(ok))
     shutil.rmtree(model_dir, ignore_errors=True)
 
