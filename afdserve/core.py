@@ -35,9 +35,14 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # number of top logprobs per output token (0: only the sampled one)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    repetition_penalty: float = 1.0  # tokens of the prompt or output: logit / p if > 0, else logit * p
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.logit_bias = _token_bias(self.logit_bias)
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.top_k = 0 if self.top_k in (-1, None) else self.top_k
         checks = [
@@ -50,6 +55,10 @@ class SamplingParams:
             ("min_tokens", self.min_tokens >= 0, "must be non-negative"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in 0..20"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("repetition_penalty", 0 < self.repetition_penalty <= 10, "must be in (0, 10]"),
+            ("logit_bias", all(-100 <= b <= 100 for b in self.logit_bias.values()), "values must be in [-100, 100]"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -61,6 +70,26 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or a logit bias change the logits before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
+
+
+def _token_bias(bias) -> dict[int, float]:
+    """logit_bias with integer token ids (JSON gives the keys as strings)."""
+    out = {}
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidRequest(f"logit_bias values must be numbers, got {value!r}", param="logit_bias")
+        out[token] = float(value)
+    return out
 
 
 class RequestStatus(enum.Enum):

@@ -29,6 +29,10 @@ def validate_request(ids: list[int], params: SamplingParams, vocab_size: int, ma
     if bad:
         raise InvalidRequest(f"stop token id {bad[0]} is out of the vocabulary (0..{vocab_size - 1})",
                              param="stop_token_ids")
+    bad = [t for t in params.logit_bias if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(f"logit_bias token id {bad[0]} is out of the vocabulary (0..{vocab_size - 1})",
+                             param="logit_bias")
 
 
 class Engine:

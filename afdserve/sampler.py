@@ -1,4 +1,5 @@
-"""Sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+"""Sampling: penalties and logit bias, greedy, temperature, top-k, top-p, min-p, per-request
+seeds, logprobs (of the model's own distribution, before penalties, as vLLM reports them).
 Legend: N rows to sample, V vocab."""
 
 from __future__ import annotations
@@ -11,14 +12,36 @@ from afdserve.core import Request, SamplingParams
 def sample(logits_NV: torch.Tensor, requests: list[Request],
            default_generator: torch.Generator | None = None) -> tuple[list[int], list[dict[int, float] | None]]:
     """One new token per row; greedy rows take the argmax (ties: lowest id)."""
-    logits_NV = logits_NV.float()
+    raw_NV = logits_NV.float()
+    logits_NV = raw_NV
+    adjusted = [i for i, req in enumerate(requests) if req.params.adjusts_logits]
+    if adjusted:
+        logits_NV = raw_NV.clone()
+        for i in adjusted:
+            adjust_logits(logits_NV[i], requests[i])
     tokens = torch.argmax(logits_NV, dim=-1).tolist()
     for i, req in enumerate(requests):
         if not req.params.greedy:
             probs_V = _probs(logits_NV[i], req.params)
             gen = req.generator or default_generator
             tokens[i] = int(torch.multinomial(probs_V, 1, generator=gen).item())
-    return tokens, _logprobs(logits_NV, tokens, requests)
+    return tokens, _logprobs(raw_NV, tokens, requests)
+
+
+def adjust_logits(logits_V: torch.Tensor, req: Request) -> None:
+    """In place, vLLM's order: repetition penalty (prompt and output tokens), then frequency
+    and presence penalties (output tokens), then the logit bias."""
+    p, dev = req.params, logits_V.device
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(req.prompt_token_ids) | set(req.output_token_ids)), device=dev)
+        vals = logits_V[seen]
+        logits_V[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and req.output_token_ids:
+        ids, counts = torch.tensor(req.output_token_ids, device=dev).unique(return_counts=True)
+        logits_V[ids] -= p.frequency_penalty * counts.float() + p.presence_penalty
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=dev)
+        logits_V.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=dev))
 
 
 def _probs(logits_V: torch.Tensor, p: SamplingParams) -> torch.Tensor:

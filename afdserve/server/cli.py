@@ -137,7 +137,7 @@ def generation_defaults(model_dir: str, mode: str) -> dict:
     with open(path) as f:
         gen = json.load(f)
     keys = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-            "max_new_tokens": "max_tokens"}
+            "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
     return {ours: gen[theirs] for theirs, ours in keys.items() if gen.get(theirs) is not None}
 
 

@@ -44,9 +44,9 @@ class SamplingFields(OpenAIBase):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    repetition_penalty: float | None = 1.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
 
     def check_common(self) -> None:
@@ -55,12 +55,6 @@ class SamplingFields(OpenAIBase):
             raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequest(f"n must be in 1..{MAX_N}, got {self.n}", "n")
-        neutral = [("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)]
-        for name, value in neutral:
-            if getattr(self, name) not in (None, value):
-                raise InvalidRequest(f"{name} is not supported by afdserve (only {value})", name)
-        if self.logit_bias:
-            raise InvalidRequest("logit_bias is not supported by afdserve", "logit_bias")
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> SamplingParams:
         """The engine's parameters; request fields left out take the model's generation defaults."""
@@ -73,7 +67,9 @@ class SamplingFields(OpenAIBase):
             min_p=pick("min_p", 0.0), seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens, logprobs=logprobs)
+            skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
+            presence_penalty=pick("presence_penalty", 0.0), frequency_penalty=pick("frequency_penalty", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0), logit_bias=self.logit_bias)
 
     @property
     def include_usage(self) -> bool:

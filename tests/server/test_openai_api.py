@@ -159,3 +159,18 @@ def test_echo_prepends_the_prompt(client):
     texts, _, _ = _stream_text(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, echo=True,
                                                          stream=True, **GREEDY))
     assert texts == {0: PROMPT + plain}
+
+
+def test_logit_bias_and_penalties_reach_the_sampler(client, server_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(server_model)
+    token = tok.encode(" the")[0]
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, logit_bias={str(token): 100},
+                                    **GREEDY)
+    assert out.choices[0].text == tok.decode([token] * 4)
+    # the penalties are accepted and applied (their arithmetic: tests/test_sampler.py)
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, frequency_penalty=2.0,
+                                    presence_penalty=2.0, temperature=0.0,
+                                    extra_body={"ignore_eos": True, "repetition_penalty": 1.3})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
