@@ -38,6 +38,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
     p.add_argument("--attn-groups", "--data-parallel-size", "-dp", type=int, default=1, dest="attn_groups",
                    help="attention replicas (data parallel); with --layout colocated, the number of processes")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="vLLM's spelling: the tensor parallel size of attention and expert groups alike")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="vLLM's spelling: with --data-parallel-size N, the colocated layout (experts split over "
+                        "the N processes)")
     p.add_argument("--attn-tp", type=int, default=1, help="tensor parallel size inside an attention group")
     p.add_argument("--expert-groups", type=int, default=1, help="expert-parallel groups")
     p.add_argument("--expert-tp", type=int, default=1, help="tensor parallel size inside an expert group")
@@ -77,12 +82,22 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _flag_kwargs(args: argparse.Namespace) -> dict:
+    attn_tp, expert_tp, layout = args.attn_tp, args.expert_tp, args.layout
+    if args.tensor_parallel_size is not None:
+        if (attn_tp, expert_tp) != (1, 1):
+            raise ConfigError("give either --tensor-parallel-size or --attn-tp/--expert-tp, not both")
+        attn_tp = expert_tp = args.tensor_parallel_size
+    if args.enable_expert_parallel:
+        if layout not in (None, "colocated"):
+            raise ConfigError(f"--enable-expert-parallel selects the colocated layout; it conflicts with --layout "
+                              f"{layout}")
+        layout = "colocated"
     return dict(device=args.device, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                 kv_cache_memory_gb=args.kv_cache_memory_gb, attn_groups=args.attn_groups,
-                attn_tp=args.attn_tp, expert_groups=args.expert_groups, expert_tp=args.expert_tp,
-                micro_batches=args.micro_batches, layout=args.layout, router_skew=args.router_skew,
+                attn_tp=attn_tp, expert_groups=args.expert_groups, expert_tp=expert_tp,
+                micro_batches=args.micro_batches, layout=layout, router_skew=args.router_skew,
                 load_format=args.load_format, enforce_eager=args.enforce_eager,
                 enable_eplb=args.enable_eplb, num_redundant_experts=args.num_redundant_experts,
                 eplb_window_size=args.eplb_window_size, eplb_step_interval=args.eplb_step_interval,

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "afdserve", *args], capture_output=True, text=True,
@@ -64,3 +66,20 @@ def test_serve_refuses_the_benchmark_skip_prefill_flag(capsys):
 
     assert main(["serve", "--benchmark-skip-prefill", "--port", "0"]) == 2
     assert "benchmark" in capsys.readouterr().err
+
+
+def test_vllm_parallel_spellings():
+    import argparse
+
+    from afdserve.__main__ import _flag_kwargs, add_engine_args
+    from afdserve.config import ConfigError
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    kw = _flag_kwargs(p.parse_args(["--data-parallel-size", "2", "--enable-expert-parallel"]))
+    assert (kw["attn_groups"], kw["layout"]) == (2, "colocated")
+    kw = _flag_kwargs(p.parse_args(["-tp", "2", "--expert-groups", "2"]))
+    assert (kw["attn_tp"], kw["expert_tp"], kw["layout"]) == (2, 2, None)
+    for bad in (["-tp", "2", "--attn-tp", "2"], ["--enable-expert-parallel", "--layout", "afd"]):
+        with pytest.raises(ConfigError):
+            _flag_kwargs(p.parse_args(bad))
