@@ -123,6 +123,8 @@ class Request:
     detok_prefix: int = 0
     detok_read: int = 0
     text_sent: int = 0  # characters of output_text a worker already reported to its frontend
+    queued_at: float | None = None  # time.monotonic() when the scheduler got it
+    queue_s: float | None = None  # seconds it waited before it was first scheduled
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -215,14 +215,14 @@ class AFDFrontend:
                 self.errors[rid] = InvalidRequest(text, param)
             return [req] if req is not None else []
         updated = []
-        for rid, token, lp, kept, added, reason, stop_reason in msg[1]:
+        for rid, token, lp, kept, added, reason, stop_reason, queue_s in msg[1]:
             req = self.requests.get(rid)
             if req is None:
                 continue  # aborted meanwhile
             req.output_token_ids.append(token)
             if lp is not None:
                 req.output_logprobs.append(lp)
-            req.output_text, req.stop_reason = req.output_text[:kept] + added, stop_reason
+            req.output_text, req.stop_reason, req.queue_s = req.output_text[:kept] + added, stop_reason, queue_s
             if reason is not None:
                 req.status, req.finish_reason = RequestStatus.FINISHED, reason
                 self.requests.pop(rid)

@@ -4,6 +4,7 @@ micro-batches of similar cost."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from afdserve.core import Request, RequestStatus, ScheduledChunk, StepPlan
@@ -22,6 +23,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
+        req.queued_at = time.monotonic()
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
@@ -45,6 +47,8 @@ class Scheduler:
             if not self._grow(req, start + n):
                 break
             req.num_computed = start
+            if req.queue_s is None:
+                req.queue_s = time.monotonic() - req.queued_at
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -156,4 +156,5 @@ def _update(req: Request) -> tuple:
     text = req.output_text
     kept = min(req.text_sent, len(text))
     req.text_sent = len(text)
-    return (req.request_id, req.output_token_ids[-1], lp, kept, text[kept:], req.finish_reason, req.stop_reason)
+    return (req.request_id, req.output_token_ids[-1], lp, kept, text[kept:], req.finish_reason, req.stop_reason,
+            req.queue_s)

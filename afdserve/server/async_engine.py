@@ -206,7 +206,7 @@ class AsyncEngine:
             lps = req.output_logprobs[live.sent:] if req.params.logprobs is not None else []
             if self.metrics is not None:
                 self.metrics.on_tokens(len(new), now - (live.last or live.arrival), live.last is None,
-                                       req.finish_reason, now - live.arrival)
+                                       req.finish_reason, now - live.arrival, req.queue_s)
             live.sent, live.last = len(req.output_token_ids), now
             err = errors.pop(req.request_id, None)
             out.append((live.group, Update(live.index, new, lps, req.output_text, req.finish_reason,

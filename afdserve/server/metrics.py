@@ -1,6 +1,6 @@
 """Prometheus metrics under an ``afdserve:`` prefix, with vLLM's meanings and a ``model_name`` label.
 
-Request metrics (TTFT, inter-token latency, end-to-end latency, token counters) are observed by
+Request metrics (TTFT, inter-token latency, end-to-end latency, queue time, token counters) are observed by
 the engine thread as it publishes tokens. Engine metrics are read at scrape time from the last
 ``stats()`` the engine returned; the keys this module understands (``ENGINE_STATS_KEYS``):
 
@@ -42,6 +42,8 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS_S, registry=r).labels(model_name)
         self.e2e = Histogram(P + "e2e_request_latency_seconds", "End-to-end latency of finished requests.",
                              labels, buckets=E2E_BUCKETS_S, registry=r).labels(model_name)
+        self.queue = Histogram(P + "request_queue_time_seconds", "Time requests waited before they were first "
+                               "scheduled.", labels, buckets=LATENCY_BUCKETS_S, registry=r).labels(model_name)
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens admitted.", labels,
                                      registry=r).labels(model_name)
         self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated.", labels,
@@ -59,8 +61,11 @@ class ServerMetrics:
         self.prompt_tokens.inc(sum(len(c.prompt_token_ids) for c in children))
 
     def on_tokens(self, num_new: int, since_last_s: float, first: bool, finish_reason: str | None,
-                  since_arrival_s: float) -> None:
-        """One request's update in one step (``since_last_s``: since arrival for the first token)."""
+                  since_arrival_s: float, queue_s: float | None = None) -> None:
+        """One request's update in one step (``since_last_s``: since arrival for the first token;
+        ``queue_s``: how long it waited to be scheduled, observed with its first token)."""
+        if first and num_new and queue_s is not None:
+            self.queue.observe(queue_s)
         if num_new:
             self.generation_tokens.inc(num_new)
             (self.ttft if first else self.itl).observe(since_last_s)

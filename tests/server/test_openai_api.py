@@ -139,11 +139,14 @@ def test_health_version_metrics(server, read_metrics):
                  "afdserve:inter_token_latency_seconds_count", "afdserve:e2e_request_latency_seconds_count"):
         assert name in m, name
     headers = {"Authorization": f"Bearer {server.api_key}"}
-    before = read_metrics(server.url)["afdserve:generation_tokens_total"]
+    before = read_metrics(server.url)
     httpx.post(server.url + "/v1/completions", headers=headers, timeout=60,
                json={"model": MODEL, "prompt": "x", "max_tokens": 3, "ignore_eos": True})
     after = read_metrics(server.url)
-    assert after["afdserve:generation_tokens_total"] == before + 3
+    assert after["afdserve:generation_tokens_total"] == before["afdserve:generation_tokens_total"] + 3
+    # queue time: one observation per request, measured where it waited (the attention worker)
+    queued = "afdserve:request_queue_time_seconds_count"
+    assert after[queued] == before.get(queued, 0) + 1 and after["afdserve:request_queue_time_seconds_sum"] >= 0
     # AFD metrics: tokens per expert group, the load balance, transfer and bubble timings
     for name in ("afdserve:expert_group_tokens_total", "afdserve:expert_group_load", "afdserve:expert_balancedness",
                  "afdserve:dispatch_latency_seconds_count", "afdserve:combine_latency_seconds_count",
