@@ -35,7 +35,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="KV cache size in GiB (default: what --gpu-memory-utilization leaves on GPU, 1 on CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of each GPU's memory a process may use (weights, KV cache, activations)")
     p.add_argument("--attn-groups", "--data-parallel-size", "-dp", type=int, default=1, dest="attn_groups",
                    help="attention replicas (data parallel); with --layout colocated, the number of processes")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
@@ -95,7 +98,8 @@ def _flag_kwargs(args: argparse.Namespace) -> dict:
     return dict(device=args.device, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                kv_cache_memory_gb=args.kv_cache_memory_gb, attn_groups=args.attn_groups,
+                kv_cache_memory_gb=args.kv_cache_memory_gb, gpu_memory_utilization=args.gpu_memory_utilization,
+                attn_groups=args.attn_groups,
                 attn_tp=attn_tp, expert_groups=args.expert_groups, expert_tp=expert_tp,
                 micro_batches=args.micro_batches, layout=layout, router_skew=args.router_skew,
                 load_format=args.load_format, enforce_eager=args.enforce_eager,

@@ -23,19 +23,49 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def num_kv_blocks(cfg: EngineConfig, kv_heads: int) -> int:
+CPU_KV_CACHE_GB = 1.0  # the KV budget on CPU unless kv_cache_memory_gb says otherwise
+
+
+def gpu_kv_budget_bytes(total: int, free: int, utilization: float) -> int:
+    """KV bytes a GPU can take: ``utilization`` of its memory, minus what is already in use
+    (this process's weights, other processes), minus a reserve for activations and CUDA graphs
+    (4% of the GPU, at least 2 GiB)."""
+    reserve = max(2 * 2**30, int(0.04 * total))
+    return int(utilization * total) - (total - free) - reserve
+
+
+def kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> int:
+    """The KV cache budget: kv_cache_memory_gb when given; else, on GPU, what
+    gpu_memory_utilization leaves after the weights already loaded; 1 GiB on CPU."""
+    if cfg.cache.kv_cache_memory_gb is not None:
+        return int(cfg.cache.kv_cache_memory_gb * 2**30)
+    if device.type != "cuda":
+        return int(CPU_KV_CACHE_GB * 2**30)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = gpu_kv_budget_bytes(total, free, cfg.cache.gpu_memory_utilization)
+    if budget <= 0:
+        raise ConfigError(f"no GPU memory left for the KV cache: {(total - free) / 2**30:.1f} of "
+                          f"{total / 2**30:.1f} GiB are in use after loading the weights, and "
+                          f"gpu_memory_utilization={cfg.cache.gpu_memory_utilization} allows "
+                          f"{cfg.cache.gpu_memory_utilization * total / 2**30:.1f} GiB; raise it, or spread the "
+                          "model over more GPUs")
+    return budget
+
+
+def num_kv_blocks(cfg: EngineConfig, kv_heads: int, device: torch.device | str = "cpu") -> int:
     """Blocks from the memory budget, capped at what max_num_seqs full contexts can use."""
     bs = cfg.cache.block_size
     if cfg.cache.num_kv_blocks is not None:
         return cfg.cache.num_kv_blocks
     per_block = kv_bytes_per_block(cfg.model_config.num_layers, bs, kv_heads,
                                    cfg.model_config.head_dim, torch_dtype(cfg.dtype))
-    by_memory = int(cfg.cache.kv_cache_memory_gb * 2**30) // per_block
+    by_memory = kv_budget_bytes(cfg, torch.device(device)) // per_block
     useful = cfg.scheduler.max_num_seqs * blocks_needed(cfg.max_model_len, bs)
     n = min(by_memory, useful)
     if n < blocks_needed(cfg.max_model_len, bs):
         raise ConfigError(f"the KV cache ({n} blocks of {bs} tokens) cannot hold one sequence of "
-                          f"max_model_len={cfg.max_model_len}; raise kv_cache_memory_gb or lower max_model_len")
+                          f"max_model_len={cfg.max_model_len}; raise kv_cache_memory_gb (or gpu_memory_utilization) "
+                          "or lower max_model_len")
     return n
 
 
@@ -52,7 +82,7 @@ def build_local_engine(cfg: EngineConfig, show_progress: bool = False) -> Engine
         attn = AttentionModel(mc, ckpt, on_tensor=lambda: bar.update(1), router_skew=cfg.router_skew, seed=cfg.seed)
         experts = ExpertModel(mc, ckpt, [range(mc.num_experts)] * mc.num_layers, on_tensor=lambda: bar.update(1))
     ckpt.close()
-    blocks = num_kv_blocks(cfg, mc.num_kv_heads)
+    blocks = num_kv_blocks(cfg, mc.num_kv_heads, device)
     kv = allocate_kv_cache(mc.num_layers, blocks, cfg.cache.block_size, mc.num_kv_heads, mc.head_dim,
                            torch_dtype(cfg.dtype), device)
     sched = Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, blocks,

@@ -125,10 +125,15 @@ def _check_all_layers_sparse(hf: dict) -> None:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0
+    num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_gb or gpu_memory_utilization
+    kv_cache_memory_gb: float | None = None  # None: from gpu_memory_utilization on GPU, 1 GiB on CPU
+    gpu_memory_utilization: float = 0.9  # vLLM's meaning: the fraction of GPU memory this process may use
 
     def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
+            raise ConfigError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -17,7 +17,7 @@ class LLM:
     def __init__(self, model: str, show_progress: bool = False, **options):
         """``options``: device, dtype, seed, router_skew and any engine option by name
         (max_model_len, max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks,
-        kv_cache_memory_gb, attn_groups, attn_tp, expert_groups, expert_tp, micro_batches,
+        kv_cache_memory_gb, gpu_memory_utilization, attn_groups, attn_tp, expert_groups, expert_tp, micro_batches,
         layout, enable_eplb, num_redundant_experts, eplb_window_size, eplb_step_interval,
         eplb_threshold, expert_load_file)."""
         self.config = make_config(model, **options)

@@ -138,3 +138,18 @@ def test_colocated_layout_rejects_what_it_cannot_run(model, options, match):
 
     with pytest.raises(ConfigError, match=match):
         make_config(model, **options)
+
+
+def test_kv_budget_from_gpu_memory_utilization(model):
+    from afdserve.build import CPU_KV_CACHE_GB, gpu_kv_budget_bytes, kv_budget_bytes
+    from afdserve.config import ConfigError, make_config
+
+    gib = 2**30
+    # 80 GiB GPU, 30 GiB in use after the weights, 90%: 72 - 30 - 3.2 (4% reserve) GiB
+    assert gpu_kv_budget_bytes(80 * gib, 50 * gib, 0.9) == int(0.9 * 80 * gib) - 30 * gib - int(0.04 * 80 * gib)
+    assert gpu_kv_budget_bytes(16 * gib, 15 * gib, 0.9) == int(0.9 * 16 * gib) - gib - 2 * gib  # 2 GiB floor
+    assert kv_budget_bytes(make_config(model), torch.device("cpu")) == int(CPU_KV_CACHE_GB * gib)
+    assert kv_budget_bytes(make_config(model, kv_cache_memory_gb=0.25), torch.device("cpu")) == gib // 4
+    for bad in (dict(gpu_memory_utilization=0.0), dict(gpu_memory_utilization=1.5), dict(kv_cache_memory_gb=-1)):
+        with pytest.raises(ConfigError):
+            make_config(model, **bad)

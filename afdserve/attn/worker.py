@@ -42,8 +42,9 @@ class AttnWorker:
             self.attn = AttentionModel(mc, ckpt, self.role.tp_rank, topo.tp_a, all_reduce=tp_all_reduce(tp_group),
                                        router_skew=cfg.router_skew, seed=cfg.seed, on_tensor=lambda: bar.update(1))
         ckpt.close()
+        self._load_more(spec, rank)  # before the KV cache, which takes the memory left
         kv_heads = self.attn.num_local_kv_heads
-        blocks = num_kv_blocks(cfg, kv_heads)
+        blocks = num_kv_blocks(cfg, kv_heads, cfg.device)
         kv = allocate_kv_cache(mc.num_layers, blocks, cfg.cache.block_size, kv_heads, mc.head_dim,
                                torch_dtype(cfg.dtype), cfg.device)
         m = cfg.parallel.micro_batches
@@ -60,6 +61,9 @@ class AttnWorker:
                                  seed=cfg.seed + self.role.group)
             self.conn = connect(spec.frontend_address, spec.authkey, spec.timeout_s)
             self.conn.send(("hello", self.role.group, {"num_blocks": blocks, "block_size": cfg.cache.block_size}))
+
+    def _load_more(self, spec: WorkerSpec, rank: int) -> None:
+        """Weights this rank holds besides attention (none here)."""
 
     def _make_executor(self, spec: WorkerSpec, topo: Topology, groups, rank: int, kv) -> AttnPipelineExecutor:
         """The ping-pong executor; only the leader holds the transport to the expert groups."""
@@ -135,17 +139,21 @@ class ColocatedWorker(AttnWorker):
     group ``rank`` and exchanges routed rows with every rank per layer. Its placement is fixed
     at start (the frontend refuses live re-placement for this layout)."""
 
-    def _make_executor(self, spec: WorkerSpec, topo: Topology, groups, rank: int, kv) -> ColocatedExecutor:
+    def _load_more(self, spec: WorkerSpec, rank: int) -> None:
+        """This rank's share of the experts (expert group ``rank`` of the initial placement)."""
         cfg, mc = spec.config, spec.config.model_config
-        placement = initial_placement(cfg)
-        per_layer = [placement.for_layer(layer).experts_of_group(rank) for layer in range(mc.num_layers)]
+        self.placement = initial_placement(cfg)
+        per_layer = [self.placement.for_layer(layer).experts_of_group(rank) for layer in range(mc.num_layers)]
         ckpt = open_checkpoint(cfg.model, cfg.load_format, torch_dtype(cfg.dtype), cfg.device, cfg.seed)
         with load_progress(mc.num_layers, "loading expert weights", spec.show_progress and rank == 0) as bar:
-            experts = ExpertModel(mc, ckpt, per_layer, 0, 1, on_tensor=lambda: bar.update(1))
+            self.experts = ExpertModel(mc, ckpt, per_layer, 0, 1, on_tensor=lambda: bar.update(1))
         ckpt.close()
+
+    def _make_executor(self, spec: WorkerSpec, topo: Topology, groups, rank: int, kv) -> ColocatedExecutor:
+        cfg, mc = spec.config, spec.config.model_config
         exchange = AllToAllExchange(rank, topo.n_a, mc.hidden_size, mc.top_k, torch_dtype(cfg.dtype), cfg.device,
                                     cfg.scheduler.max_num_batched_tokens, group=groups.a2e)
-        return ColocatedExecutor(self.attn, kv, placement, experts, exchange, cfg.parallel.micro_batches)
+        return ColocatedExecutor(self.attn, kv, self.placement, self.experts, exchange, cfg.parallel.micro_batches)
 
 
 def _update(req: Request) -> tuple:
