@@ -60,3 +60,23 @@ def test_engine_on_gpu_matches_cpu(dev, tiny_models, family, dtype, logit_tol, l
                 want = ref[len(prompt) - 1 + j][torch.tensor(list(top.keys()))]
                 diff = (torch.tensor(list(top.values())) - want).abs().max()
                 assert diff < logprob_tol, f"{family}, prompt of {len(prompt)}, step {j}: {diff:.3f}"
+
+
+def test_kv_cache_fills_gpu_memory_utilization(tiny_models):
+    """Without kv_cache_memory_gb, the KV cache takes what gpu_memory_utilization leaves after
+    the weights (less the activation reserve), and no more."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from afdserve.build import gpu_kv_budget_bytes
+    from afdserve.kv_cache import kv_bytes_per_block
+
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    util = min(0.95, (total - free) / total + 0.2)  # about 20% of the GPU for this test
+    with LLM(tiny_models["mixtral"], device="cuda", dtype="bfloat16", max_num_seqs=10**6,
+             gpu_memory_utilization=util, enforce_eager=True) as llm:
+        mc, blocks = llm.config.model_config, llm.engine.scheduler.blocks.num_blocks
+        per_block = kv_bytes_per_block(mc.num_layers, 16, mc.num_kv_heads, mc.head_dim, torch.bfloat16)
+        assert blocks * per_block <= gpu_kv_budget_bytes(total, free, util) + per_block
+        assert blocks * per_block >= 0.5 * gpu_kv_budget_bytes(total, free, util)  # weights of a tiny model are small
+        assert torch.cuda.memory_reserved() <= util * total
