@@ -41,6 +41,7 @@ class AFDFrontend:
         self.group_of: dict[str, int] = {}
         self.errors: dict[str, InvalidRequest] = {}
         self.replica_stats: dict[int, dict] = {}
+        self._outstanding: dict[int, int] = {}  # group -> outstanding_tokens
         mc = cfg.model_config
         self.load_window = LoadWindow(mc.num_layers, mc.num_experts, cfg.eplb.eplb_window_size)
         self.placement = initial_placement(cfg)  # the one the workers run now
@@ -91,9 +92,13 @@ class AFDFrontend:
             raise WorkerFailure(failure)
 
     def outstanding_tokens(self, group: int) -> int:
-        """KV work a replica still has: tokens held plus tokens still to generate."""
-        return sum(r.max_total_tokens - len(r.output_token_ids) for rid, r in self.requests.items()
-                   if self.group_of[rid] == group and not r.finished)
+        """KV work a replica still has: over its unfinished requests, the prompt plus the tokens
+        still to generate (kept up to date as tokens arrive, so placing a request is O(groups))."""
+        return self._outstanding.get(group, 0)
+
+    def _settle(self, req: Request, group: int) -> None:
+        """A request left its replica (finished, aborted, refused): drop what it still counted."""
+        self._outstanding[group] -= req.max_total_tokens - len(req.output_token_ids)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float = 0.0) -> Request:
@@ -110,6 +115,7 @@ class AFDFrontend:
         req = Request(request_id, list(prompt_token_ids), params, arrival_time=arrival_time,
                       max_total_tokens=total, prompt=prompt, status=RequestStatus.RUNNING)
         self.requests[request_id], self.group_of[request_id] = req, group
+        self._outstanding[group] = self._outstanding.get(group, 0) + total
         self.conns[group].send(("add", request_id, req.prompt_token_ids, params, prompt))
         return req
 
@@ -117,6 +123,7 @@ class AFDFrontend:
         req = self.requests.pop(request_id, None)
         group = self.group_of.pop(request_id, None)
         if req is not None and not req.finished:
+            self._settle(req, group)
             self.conns[group].send(("abort", request_id))
             req.status, req.finish_reason = RequestStatus.FINISHED, "abort"
         return req
@@ -211,6 +218,7 @@ class AFDFrontend:
             _, rid, text, param = msg
             req = self.requests.pop(rid, None)
             if req is not None:
+                self._settle(req, self.group_of.pop(rid))
                 req.status, req.finish_reason = RequestStatus.FINISHED, "abort"
                 self.errors[rid] = InvalidRequest(text, param)
             return [req] if req is not None else []
@@ -220,13 +228,14 @@ class AFDFrontend:
             if req is None:
                 continue  # aborted meanwhile
             req.output_token_ids.append(token)
+            self._outstanding[self.group_of[rid]] -= 1
             if lp is not None:
                 req.output_logprobs.append(lp)
             req.output_text, req.stop_reason, req.queue_s = req.output_text[:kept] + added, stop_reason, queue_s
             if reason is not None:
                 req.status, req.finish_reason = RequestStatus.FINISHED, reason
                 self.requests.pop(rid)
-                self.group_of.pop(rid)
+                self._settle(req, self.group_of.pop(rid))
             updated.append(req)
         return updated
 

@@ -51,8 +51,17 @@ def _run_staggered(engine, work) -> dict[str, list[int]]:
         for req in engine.step():
             if req.finished:
                 done[req.request_id] = req.output_token_ids
+        _check_outstanding(engine)
         steps += 1
     return done
+
+
+def _check_outstanding(frontend) -> None:
+    """The frontend's running count of each replica's KV work equals a recount."""
+    for g in frontend.conns:
+        recount = sum(r.max_total_tokens - len(r.output_token_ids) for rid, r in frontend.requests.items()
+                      if frontend.group_of[rid] == g and not r.finished)
+        assert frontend.outstanding_tokens(g) == recount, g
 
 
 @pytest.mark.parametrize("topo", TOPOLOGIES, ids=lambda t: "na{}_tpa{}_ne{}_tpe{}_m{}".format(*t))
