@@ -53,6 +53,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                    help="dummy: random weights at the checkpoint's shapes (benchmarks, no download)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--dist-timeout", type=float, default=120.0, dest="dist_timeout_s",
+                   help="seconds before a collective or transfer with a silent peer fails (every process group)")
     p.add_argument("--router-skew", type=float, default=0.0,
                    help="Zipf exponent of a router bias skewing expert popularity (tests/benchmarks)")
     p.add_argument("--enable-eplb", action="store_true", help="re-place experts by their live load")
@@ -102,7 +104,7 @@ def _flag_kwargs(args: argparse.Namespace) -> dict:
                 attn_groups=args.attn_groups,
                 attn_tp=attn_tp, expert_groups=args.expert_groups, expert_tp=expert_tp,
                 micro_batches=args.micro_batches, layout=layout, router_skew=args.router_skew,
-                load_format=args.load_format, enforce_eager=args.enforce_eager,
+                load_format=args.load_format, enforce_eager=args.enforce_eager, dist_timeout_s=args.dist_timeout_s,
                 enable_eplb=args.enable_eplb, num_redundant_experts=args.num_redundant_experts,
                 eplb_window_size=args.eplb_window_size, eplb_step_interval=args.eplb_step_interval,
                 eplb_threshold=args.eplb_threshold, expert_load_file=args.expert_load_file,

@@ -247,10 +247,13 @@ class EngineConfig:
     router_skew: float = 0.0  # Zipf exponent of a router bias that skews expert popularity (0: off)
     load_format: str = "safetensors"  # or "dummy": random weights at the checkpoint's shapes (benchmarks)
     enforce_eager: bool = False  # vLLM's flag: no CUDA graphs (GPU decode steps replay captured graphs)
+    dist_timeout_s: float = 120.0  # SGLang's --dist-timeout: every process group's timeout (a hung peer -> error)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("safetensors", "dummy"):
             raise ConfigError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout_s}")
 
     @property
     def max_model_len(self) -> int:
@@ -268,7 +271,7 @@ _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": Par
 
 def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                 router_skew: float = 0.0, load_format: str = "safetensors", enforce_eager: bool = False,
-                **options) -> EngineConfig:
+                dist_timeout_s: float = 120.0, **options) -> EngineConfig:
     """The config tree from flat keywords: any field of CacheConfig, SchedulerConfig,
     ParallelConfig or EplbConfig by name (the CLI's flags have the same names)."""
     sections: dict[str, dict] = {name: {} for name in _SECTIONS}
@@ -279,7 +282,7 @@ def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: i
         sections[owner][key] = value
     cfg = EngineConfig(model=model, model_config=ModelConfig.from_dir(model), device=device, dtype=dtype, seed=seed,
                        router_skew=router_skew, load_format=load_format, enforce_eager=enforce_eager,
-                       **{k: _SECTIONS[k](**v) for k, v in sections.items()})
+                       dist_timeout_s=dist_timeout_s, **{k: _SECTIONS[k](**v) for k, v in sections.items()})
     cfg.max_model_len  # noqa: B018 -- validates max_model_len now, not at the first request
     if cfg.parallel.colocated and cfg.eplb.enable_eplb:
         raise ConfigError("live expert re-placement (enable_eplb) is not supported with the colocated layout yet; "

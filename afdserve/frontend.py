@@ -56,7 +56,7 @@ class AFDFrontend:
         (rank 0 and the first expert rank show weight-loading progress bars)."""
         authkey = secrets.token_bytes(16)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        spec = WorkerSpec(cfg, listener.address, authkey, show_progress=show_progress)
+        spec = WorkerSpec(cfg, listener.address, authkey, timeout_s=cfg.dist_timeout_s, show_progress=show_progress)
         launcher = Launcher(worker_main, spec.topology.world_size, args=(spec,), describe=spec.topology.describe)
         launcher.start()
         return cls(cfg, listener, launcher)

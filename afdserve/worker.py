@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         listener = Listener(address, authkey=authkey)
         thread = threading.Thread(target=_offline_frontend, args=(cfg, listener, args), daemon=True)
         thread.start()
-    worker_main(rank, world_size, "env://", WorkerSpec(cfg, address, authkey))
+    worker_main(rank, world_size, "env://", WorkerSpec(cfg, address, authkey, timeout_s=cfg.dist_timeout_s))
     if thread is not None:
         thread.join()
     return 0

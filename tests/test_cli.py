@@ -78,6 +78,7 @@ def test_vllm_parallel_spellings():
     add_engine_args(p)
     kw = _flag_kwargs(p.parse_args(["--data-parallel-size", "2", "--enable-expert-parallel"]))
     assert (kw["attn_groups"], kw["layout"]) == (2, "colocated")
+    assert _flag_kwargs(p.parse_args(["--dist-timeout", "30"]))["dist_timeout_s"] == 30.0
     kw = _flag_kwargs(p.parse_args(["-tp", "2", "--expert-groups", "2"]))
     assert (kw["attn_tp"], kw["expert_tp"], kw["layout"]) == (2, 2, None)
     for bad in (["-tp", "2", "--attn-tp", "2"], ["--enable-expert-parallel", "--layout", "afd"]):

@@ -150,6 +150,7 @@ def test_kv_budget_from_gpu_memory_utilization(model):
     assert gpu_kv_budget_bytes(16 * gib, 15 * gib, 0.9) == int(0.9 * 16 * gib) - gib - 2 * gib  # 2 GiB floor
     assert kv_budget_bytes(make_config(model), torch.device("cpu")) == int(CPU_KV_CACHE_GB * gib)
     assert kv_budget_bytes(make_config(model, kv_cache_memory_gb=0.25), torch.device("cpu")) == gib // 4
-    for bad in (dict(gpu_memory_utilization=0.0), dict(gpu_memory_utilization=1.5), dict(kv_cache_memory_gb=-1)):
+    for bad in (dict(gpu_memory_utilization=0.0), dict(gpu_memory_utilization=1.5), dict(kv_cache_memory_gb=-1),
+                dict(dist_timeout_s=0)):
         with pytest.raises(ConfigError):
             make_config(model, **bad)
