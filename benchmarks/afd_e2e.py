@@ -250,6 +250,19 @@ def _sample_runner(shape, b, device, dtype, route, contiguous_placement):
     return lambda: torch.argmax((h @ w.t()).float(), dim=-1).cpu()
 
 
+def write_profile(path: str, prof: dict, comm: list[dict], device: str, model: str = "Mixtral-8x7B") -> None:
+    """The fitted coefficients and the transport's utilisation curve as a planner profile file
+    (``afdserve plan --profile PATH``)."""
+    from afdserve.planner.measure_cli import guess_gpu
+    from afdserve.planner.profile import Profile, save_profile
+
+    curve, best = transfer.utilisation_curve(comm)
+    gpu = guess_gpu(device) or device
+    save_profile(path, Profile(device, gpu, "bfloat16", {model: {1: prof["attn"]}}, {model: {1: prof["expert"]}},
+                               tuple((b, u) for b, u in curve), best, "nccl" if "cpu" not in device else "gloo",
+                               {"source": "benchmarks/afd_e2e.py", "transport": "afdserve_p2p"}))
+
+
 def predict(row: dict, shape, prof: dict, comm: list[dict], ctx: float) -> dict:
     """The planner's model at this row's layout and batch: step time of the executor."""
     from afdserve.planner.perf_model import attn_time_s, expert_time_s, group_hit_prob, step_time_s
@@ -447,6 +460,7 @@ def main() -> None:
     prof = fit_profile(shape, device, 2 * max(all_b), tuple(sorted({16, 64, 256, max(all_b)})),
                        (args.input_len, seq_len, 2 * seq_len))
     print(f"[profile {time.perf_counter() - t0:.0f} s] attn {prof['attn']} expert {prof['expert']}", flush=True)
+    write_profile(os.path.join(args.out_dir, f"profile_{args.tag}.json"), prof, comm, _device_name(args.device))
     if cuda:
         torch.cuda.empty_cache()
 
