@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import time
 
+import torch
+import torch.distributed as dist
+
 from afdserve.build import load_progress, num_kv_blocks, torch_dtype
 from afdserve.core import InvalidRequest, Request
 from afdserve.engine import Engine
@@ -45,6 +48,10 @@ class AttnWorker:
         self._load_more(spec, rank)  # before the KV cache, which takes the memory left
         kv_heads = self.attn.num_local_kv_heads
         blocks = num_kv_blocks(cfg, kv_heads, cfg.device)
+        if tp_group is not None:  # sized from each GPU's free memory: the group's ranks take the smallest
+            agreed = torch.tensor([blocks])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=tp_group)
+            blocks = int(agreed)
         kv = allocate_kv_cache(mc.num_layers, blocks, cfg.cache.block_size, kv_heads, mc.head_dim,
                                torch_dtype(cfg.dtype), cfg.device)
         m = cfg.parallel.micro_batches
