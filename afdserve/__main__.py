@@ -50,6 +50,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-groups", type=int, default=1, help="expert-parallel groups")
     p.add_argument("--expert-tp", type=int, default=1, help="tensor parallel size inside an expert group")
     p.add_argument("--micro-batches", type=int, default=1, help="ping-pong micro-batches m (1..4)")
+    p.add_argument("--afd-transport", default="auto", choices=["auto", "ipc", "p2p"],
+                   help="attention<->expert transport: ipc writes rows straight into the peer's memory (one "
+                        "node; CUDA IPC on GPU, shared memory on CPU), p2p uses torch.distributed send/recv "
+                        "(NCCL/Gloo, any nodes); auto: ipc when every group leader is on one host with CUDA")
     p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                    help="dummy: random weights at the checkpoint's shapes (benchmarks, no download)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
@@ -103,7 +107,7 @@ def _flag_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory_gb=args.kv_cache_memory_gb, gpu_memory_utilization=args.gpu_memory_utilization,
                 attn_groups=args.attn_groups,
                 attn_tp=attn_tp, expert_groups=args.expert_groups, expert_tp=expert_tp,
-                micro_batches=args.micro_batches, layout=layout, router_skew=args.router_skew,
+                micro_batches=args.micro_batches, layout=layout, afd_transport=args.afd_transport, router_skew=args.router_skew,
                 load_format=args.load_format, enforce_eager=args.enforce_eager, dist_timeout_s=args.dist_timeout_s,
                 enable_eplb=args.enable_eplb, num_redundant_experts=args.num_redundant_experts,
                 eplb_window_size=args.eplb_window_size, eplb_step_interval=args.eplb_step_interval,

@@ -157,6 +157,9 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
 
+AFD_TRANSPORTS = ("auto", "ipc", "p2p")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     attn_groups: int = 1
@@ -165,10 +168,15 @@ class ParallelConfig:
     expert_tp: int = 1
     micro_batches: int = 1
     layout: str | None = None  # "single", "afd" or "colocated"; None: afd when any size > 1
+    # M2N transport of the afd layout: "ipc" (shared slots, one node), "p2p" (torch.distributed
+    # send/recv, any nodes) or "auto" (ipc when every group leader runs on one host with CUDA)
+    afd_transport: str = "auto"
 
     def __post_init__(self) -> None:
         if self.layout not in (None, "single", "afd", "colocated"):
             raise ConfigError(f"layout must be 'single', 'afd' or 'colocated', got {self.layout!r}")
+        if self.afd_transport not in AFD_TRANSPORTS:
+            raise ConfigError(f"afd_transport must be one of {AFD_TRANSPORTS}, got {self.afd_transport!r}")
         for name in ("attn_groups", "attn_tp", "expert_groups", "expert_tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -20,7 +20,6 @@ class _MicroBatchState:
     h_TD: torch.Tensor | None = None
     out: AttnHalfOut | None = None
     handle: object = None  # transport handle of the in-flight dispatch
-    routing: object = None  # route() handle: which rows went to which expert group
 
 
 class AttnPipelineExecutor:
@@ -57,6 +56,8 @@ class AttnPipelineExecutor:
         if len(inputs) != self.m:
             raise ValueError(f"expected {self.m} micro-batches, got {len(inputs)}")
         states = [_MicroBatchState(inp) for inp in inputs]
+        if self.transport is not None:
+            self.transport.begin_step([inp.token_ids_T.shape[0] for inp in inputs])
         waited_before = self.timing["combine_seconds"][0]
         timer = self.timer
         if timer:
@@ -84,27 +85,37 @@ class AttnPipelineExecutor:
             timer.end_step(sum(inp.token_ids_T.shape[0] for inp in inputs))
         return [st.h_TD for st in states]
 
+    def check_transport(self) -> None:
+        """Raise for a transport error recorded on the device during the last step."""
+        if self.transport is not None:
+            self.transport.check()
+
     def _dispatch(self, op: Op, st: _MicroBatchState) -> None:
         if self.transport is None:
             return
-        sends, st.routing = self._route(op.layer, st.out)
+        out = st.out
+        self._count_load(op.layer, out)
         t0 = time.perf_counter()
-        st.handle = self.transport.dispatch(op.layer, op.mb, sends)
+        st.handle = self.transport.dispatch_tokens(op.layer, op.mb, out.x_TD, out.topk_ids_TK, out.topk_w_TK,
+                                                   self.placement.for_layer(op.layer))
         _add(self.timing["dispatch_seconds"], time.perf_counter() - t0)
 
-    def _route(self, layer: int, out: AttnHalfOut):
-        """Count the layer's routed pairs (no host sync) and split the rows per expert group."""
+    def _count_load(self, layer: int, out: AttnHalfOut) -> None:
+        """Count the layer's routed pairs per expert (no host sync)."""
         flat = out.topk_ids_TK.flatten()
         self.load_LE[layer].index_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
+
+    def _route(self, layer: int, out: AttnHalfOut):
+        """Count the layer's routed pairs and split the rows per expert group."""
+        self._count_load(layer, out)
         return route(out.x_TD, out.topk_ids_TK, out.topk_w_TK, self.placement.for_layer(layer))
 
     def _combine_wait(self, st: _MicroBatchState) -> torch.Tensor:
         y_TD = None
         if self.transport is not None:
             t0 = time.perf_counter()
-            partials = self.transport.combine_wait(st.handle)
+            y_TD = self.transport.combine_tokens(st.handle)
             _add(self.timing["combine_seconds"], time.perf_counter() - t0)
-            y_TD = unroute(partials, st.routing, st.out.x_TD.shape[0])
         if self.tp_broadcast is not None:
             y_TD = self.tp_broadcast(y_TD, st.out.x_TD)
         return y_TD
@@ -127,6 +138,8 @@ class ExpertPipelineExecutor:
 
     def step(self) -> None:
         received, replies, timer, rows_in = {}, [], self.timer, 0
+        if self.transport is not None:
+            self.transport.begin_step()
         if timer:
             timer.begin_step()
         for op in self.schedule:

@@ -57,6 +57,7 @@ class Layout:
     n_a: int = 1
     n_e: int = 1
     m: int = 1
+    transport: str = "auto"  # AFD: "ipc", "p2p" or "auto" (--afd-transport)
 
     @property
     def num_gpus(self) -> int:
@@ -66,18 +67,21 @@ class Layout:
         if self.layout == "single":
             return {"layout": "single"}
         return {"layout": self.layout, "attn_groups": self.n_a, "expert_groups": self.n_e,
-                "micro_batches": self.m}
+                "micro_batches": self.m, "afd_transport": self.transport}
 
 
 def parse_layouts(spec: str) -> list[Layout]:
-    """``afd:1x1:m2,colocated:2,single`` -> layouts (afd:<n_a>x<n_e>:m<m>, colocated:<ranks>)."""
+    """``afd:1x1:m2,afd:1x1:m2:p2p,colocated:2,single`` -> layouts (afd:<n_a>x<n_e>:m<m>[:ipc|p2p],
+    colocated:<ranks>)."""
     out = []
     for item in spec.split(","):
         parts = item.split(":")
         if parts[0] == "afd":
             n_a, n_e = (int(x) for x in parts[1].split("x"))
             m = int(parts[2][1:])
-            out.append(Layout(f"afd {n_a}a+{n_e}e m={m}", "afd", n_a, n_e, m))
+            transport = parts[3] if len(parts) > 3 else "auto"
+            suffix = "" if transport == "auto" else f" {transport}"
+            out.append(Layout(f"afd {n_a}a+{n_e}e m={m}{suffix}", "afd", n_a, n_e, m, transport))
         elif parts[0] == "colocated":
             out.append(Layout(f"colocated x{parts[1]}", "colocated", int(parts[1]), int(parts[1]), 1))
         elif parts[0] == "single":
@@ -153,6 +157,7 @@ def run_layout(model_dir: str, cfg: dict, lay: Layout, batches: list[int], input
             elapsed = time.perf_counter() - t0
             itl = [y - x for t in stamps.values() for x, y in zip(t, t[1:])]
             rows.append({"layout": lay.name, "kind": lay.layout, "n_a": lay.n_a, "n_e": lay.n_e, "m": lay.m,
+                         "transport": _transport(lay, device),
                          "gpus": lay.num_gpus, "b": b, "total_batch": total, "elapsed_s": elapsed,
                          "tok_s": total * output_len / elapsed,
                          "tok_s_per_gpu": total * output_len / elapsed / lay.num_gpus,
@@ -279,8 +284,9 @@ def predict(row: dict, shape, prof: dict, comm: list[dict], ctx: float) -> dict:
         t_e = expert_time_s(bm * row["n_a"] * K * held / E, held, prof["expert"])
         rows_out = bm * group_hit_prob(E, K, held)
         # the busier end: an attention GPU sends its rows, an expert GPU receives every group's
-        t_c = max(comm_time_s(comm, "afdserve_p2p", rows_out * row_bytes),
-                  comm_time_s(comm, "afdserve_p2p", row["n_a"] * rows_out * row_bytes))
+        method = "afdserve_ipc" if row.get("transport") == "ipc" else "afdserve_p2p"
+        t_c = max(comm_time_s(comm, method, rows_out * row_bytes),
+                  comm_time_s(comm, method, row["n_a"] * rows_out * row_bytes))
         step = step_time_s(t_a, t_e, t_c, m, L)
     elif row["kind"] == "colocated":
         held = E // row["n_e"]
@@ -295,6 +301,13 @@ def predict(row: dict, shape, prof: dict, comm: list[dict], ctx: float) -> dict:
         step = L * (t_a + t_e)
     return {"pred_step_ms": 1e3 * step, "pred_tbt_ms": 1e3 * (step + s0 * b + s1), "pred_t_a_ms": 1e3 * t_a,
             "pred_t_e_ms": 1e3 * t_e, "pred_t_c_ms": 1e3 * t_c}
+
+
+def _transport(lay: Layout, device: str) -> str | None:
+    """The AFD transport a layout runs with ("auto": ipc on one node with CUDA, else p2p)."""
+    if lay.layout != "afd":
+        return None
+    return lay.transport if lay.transport != "auto" else ("ipc" if device == "cuda" else "p2p")
 
 
 def comm_time_s(comm: list[dict], method: str, nbytes: float) -> float:

@@ -14,6 +14,15 @@ Methods:
                       rows (x + ids + weights), replies of x (TorchP2PTransport)
   afdserve_a2a        the colocated layout's exchange (AllToAllExchange: counts, rows, outputs),
                       every rank both sides (M + N ranks exchanging S with every other rank)
+  afdserve_ipc        the shared-slot transport (SlotTransport): rows written into the expert's
+                      slot by a Triton kernel, flags waited for on the GPU, replies likewise
+                      (every token has a choice on every expert group, so each pair gets S)
+  peer_copy           reference: one plain copy of S bytes into the first peer's memory (copy
+                      engine, CUDA IPC), one way, no signal
+
+More ranks than GPUs (e.g. ``--attn 4 --experts 4`` on two GPUs): ranks share the GPUs over a
+Gloo group and only afdserve_ipc runs (protocol coverage, not a speed figure: the processes
+time-slice the GPU); such rows carry ``"shared_gpus": true``.
 
 Run: PYTHONPATH=. python3 benchmarks/transfer.py --attn 1 --experts 1 --out $OUT/transfer.json
 """
@@ -33,7 +42,9 @@ import torch.distributed as dist
 
 HIDDEN = 4096
 TOP_K = 2
-METHODS = ("send_recv", "batch_isend_irecv", "all_to_all_single", "afdserve_p2p", "afdserve_a2a")
+METHODS = ("send_recv", "batch_isend_irecv", "all_to_all_single", "afdserve_p2p", "afdserve_a2a", "afdserve_ipc",
+           "peer_copy")
+SHARED_GPU_METHODS = ("afdserve_ipc",)
 
 
 def p99(xs: list[float]) -> float:
@@ -72,33 +83,49 @@ def _worker(rank: int, world: int, m: int, port: int, sizes: list[int], iters: i
     from afdserve.transport.all_to_all import AllToAllExchange
     from afdserve.transport.groups import init_distributed
     from afdserve.transport.topology import Topology
+    from afdserve.transport.slots import SlotTransport
     from afdserve.transport.torch_p2p import TorchP2PTransport
 
     cuda = device_kind == "cuda"
     if not cuda:
         torch.set_num_threads(1)
     topo = Topology(n_a=m, tp_a=1, n_e=world - m, tp_e=1)
-    groups = init_distributed(topo, rank, "nccl" if cuda else "gloo", f"tcp://127.0.0.1:{port}", timeout_s=300,
-                              device=f"cuda:{rank}" if cuda else None)
-    dev, dtype = groups.device, (torch.bfloat16 if cuda else torch.float32)
+    shared = cuda and world > torch.cuda.device_count()  # several ranks per GPU: Gloo, no NCCL
+    device = f"cuda:{rank % torch.cuda.device_count()}" if cuda else None
+    groups = init_distributed(topo, rank, "nccl" if cuda and not shared else "gloo", f"tcp://127.0.0.1:{port}",
+                              timeout_s=300, device=None if shared else device)
+    dev = torch.device(device) if shared else groups.device
+    if shared:
+        torch.cuda.set_device(dev)
+        methods = [x for x in methods if x in SHARED_GPU_METHODS]
+    dtype = torch.bfloat16 if cuda else torch.float32
     attn = rank < m
     peers = list(range(m, world)) if attn else list(range(m))
     row_bytes = HIDDEN * dtype.itemsize + 8 * TOP_K
-    side = TorchP2PTransport.attn_side if attn else TorchP2PTransport.expert_side
     max_rows = max(sizes) // row_bytes + 1
-    p2p = side(topo, rank, HIDDEN, TOP_K, dtype, dev, max_rows, groups=groups)
-    a2a = AllToAllExchange(rank, world, HIDDEN, TOP_K, dtype, dev, max_rows, group=groups.a2e)
+    p2p = a2a = None
+    if not shared:
+        side = TorchP2PTransport.attn_side if attn else TorchP2PTransport.expert_side
+        p2p = side(topo, rank, HIDDEN, TOP_K, dtype, dev, max_rows, groups=groups)
+        a2a = AllToAllExchange(rank, world, HIDDEN, TOP_K, dtype, dev, max_rows, group=groups.a2e)
+    slots = None
+    if "afdserve_ipc" in methods or "peer_copy" in methods:
+        side = SlotTransport.attn_side if attn else SlotTransport.expert_side
+        slots = side(topo, rank, HIDDEN, max(TOP_K, world - m), dtype, dev, max_rows, 1, group=groups.a2e,
+                     timeout_s=60)
     results = []
     layer = [0]
     for size in sizes:
-        fns, n = _size_fns(size, rank, world, attn, peers, dev, dtype, row_bytes, p2p, a2a, layer)
+        fns, n = _size_fns(size, rank, world, attn, peers, dev, dtype, row_bytes, p2p, a2a, layer, slots, m)
         for method in methods:
             if method == "send_recv" and world != 2:
                 continue
             times = _time(fns[method], dev, iters)
-            one_way = [t / 2 for t in times]
+            one_way = times if method == "peer_copy" else [t / 2 for t in times]
             msg_bytes = n * row_bytes if method.startswith("afdserve") else size
-            results.append({"method": method, "bytes": msg_bytes, "median_us": 1e6 * statistics.median(one_way),
+            if method == "afdserve_ipc":
+                msg_bytes = n * (HIDDEN * dtype.itemsize + 8 * slots.top_k)
+            results.append({"method": method, "bytes": msg_bytes, "shared_gpus": shared, "median_us": 1e6 * statistics.median(one_way),
                             "p99_us": 1e6 * p99(one_way),
                             "gb_per_s": msg_bytes / statistics.median(one_way) / 1e9})
     if rank == 0:
@@ -107,7 +134,7 @@ def _worker(rank: int, world: int, m: int, port: int, sizes: list[int], iters: i
 
 
 def _size_fns(size: int, rank: int, world: int, attn: bool, peers: list[int], dev, dtype, row_bytes: int,
-              p2p, a2a, layer: list[int]):
+              p2p, a2a, layer: list[int], slots, m: int):
     """The round trip of each method at ``size`` bytes per pair, and the rows of the engine's message."""
     from afdserve.transport.base import Rows
 
@@ -163,7 +190,39 @@ def _size_fns(size: int, rank: int, world: int, attn: bool, peers: list[int], de
 
     fns = {"send_recv": send_recv, "batch_isend_irecv": batch, "all_to_all_single": all_to_all,
            "afdserve_p2p": afd_p2p, "afdserve_a2a": afd_a2a}
+    if slots is not None:
+        fns |= _slot_fns(slots, n, attn, dev, dtype, layer, world - m, buf[peers[0]])
     return fns, n
+
+
+def _slot_fns(t, n: int, attn: bool, dev, dtype, layer: list[int], num_groups: int, payload: torch.Tensor):
+    """Round trip over the shared-slot transport: n tokens, each with a choice on every expert
+    group (so every group gets n rows); and one plain peer copy of the payload."""
+    from afdserve.expert.placement import contiguous_placement
+
+    experts = 8 * num_groups
+    placement = contiguous_placement(experts, num_groups)
+    k = t.top_k
+    ids_TK = (torch.arange(k, device=dev) % num_groups * (experts // num_groups)).expand(n, k).contiguous()
+    x_TD, w_TK = torch.randn(n, HIDDEN, device=dev).to(dtype), torch.ones(n, k, device=dev)
+    t.begin_step([n] if attn else None)
+
+    def ipc():
+        layer[0] += 1
+        if attn:
+            t.combine_tokens(t.dispatch_tokens(layer[0], 0, x_TD, ids_TK, w_TK, placement))
+        else:
+            rows = t.receive_wait(t.receive(layer[0], 0))
+            t.reply_wait(t.reply(layer[0], 0, [r.x_ND for r in rows]))
+
+    peer_raw = t.outboxes[0].raw
+    size = payload.numel()
+
+    def peer_copy():
+        if attn:
+            peer_raw[-size:].copy_(payload)
+
+    return {"afdserve_ipc": ipc, "peer_copy": peer_copy}
 
 
 def run(m: int, n: int, min_kb: int = 16, max_mb: int = 16, iters: int = 100, device: str = "cuda",
@@ -172,8 +231,6 @@ def run(m: int, n: int, min_kb: int = 16, max_mb: int = 16, iters: int = 100, de
     from afdserve.launcher import free_port
 
     world = m + n
-    if device == "cuda" and torch.cuda.device_count() < world:
-        raise RuntimeError(f"{world} GPUs needed, {torch.cuda.device_count()} visible")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

@@ -21,7 +21,7 @@ from afdserve.scheduler import Scheduler
 from afdserve.tokenizer import eos_token_ids, load_tokenizer
 from afdserve.transport.all_to_all import AllToAllExchange
 from afdserve.transport.topology import Topology
-from afdserve.transport.torch_p2p import TorchP2PTransport
+from afdserve.transport.select import make_transport
 from afdserve.worker import (
     IDLE_SLEEP_S,
     StepSync,
@@ -77,8 +77,9 @@ class AttnWorker:
         cfg, mc = spec.config, spec.config.model_config
         transport = None
         if self.leader:
-            transport = TorchP2PTransport.attn_side(topo, rank, mc.hidden_size, mc.top_k, torch_dtype(cfg.dtype),
-                                                    cfg.device, cfg.scheduler.max_num_batched_tokens, groups=groups)
+            transport = make_transport(cfg.parallel.afd_transport, groups, rank, mc.hidden_size, mc.top_k,
+                                       torch_dtype(cfg.dtype), cfg.scheduler.max_num_batched_tokens,
+                                       cfg.parallel.micro_batches, spec.timeout_s)
         bcast = inputs_bcast = None
         if self.tp_group is not None:
             bcast = broadcast_tensor(self.tp_src, self.tp_group)
@@ -110,6 +111,7 @@ class AttnWorker:
             return
         had_work = self.engine.has_unfinished()
         updated = self.engine.step(always_run=True)  # an idle replica still takes part
+        self.executor.check_transport()  # before any output leaves: an error recorded on the GPU raises
         if had_work:
             # numpy, not a tensor: the connection's pickler would pass a tensor as a shared-memory handle
             stats = self.engine.stats() | {"expert_load": self.executor.take_load().cpu().numpy()}

@@ -12,7 +12,8 @@ from afdserve.models.loader import open_checkpoint
 from afdserve.models.moe_model import ExpertModel
 from afdserve.pipeline_executor import ExpertPipelineExecutor
 from afdserve.transport.topology import Topology
-from afdserve.transport.torch_p2p import TorchP2PTransport
+from afdserve.transport.base import Rows
+from afdserve.transport.select import make_transport
 from afdserve.worker import IDLE_SLEEP_S, StepSync, WorkerSpec, broadcast_object, tp_all_reduce
 
 
@@ -27,12 +28,13 @@ class ExpertWorker:
             experts = self._load(initial_placement(cfg), on_layer=lambda: bar.update(1))
         transport = None
         if self.role.tp_rank == 0:
-            transport = TorchP2PTransport.expert_side(topo, rank, mc.hidden_size, mc.top_k, torch_dtype(cfg.dtype),
-                                                      cfg.device, cfg.scheduler.max_num_batched_tokens, groups=groups)
+            transport = make_transport(cfg.parallel.afd_transport, groups, rank, mc.hidden_size, mc.top_k,
+                                       torch_dtype(cfg.dtype), cfg.scheduler.max_num_batched_tokens,
+                                       cfg.parallel.micro_batches, spec.timeout_s)
         bcast = None
         if tp_group is not None:
             src = topo.expert_rank(self.role.group, 0)
-            bcast = lambda rows: broadcast_object(rows, src, tp_group)  # noqa: E731
+            bcast = lambda rows: broadcast_object(_own(rows), src, tp_group)  # noqa: E731
         self.executor = ExpertPipelineExecutor(experts, transport, mc.num_layers, cfg.parallel.micro_batches, bcast,
                                                device=cfg.device)
         self.loader: threading.Thread | None = None
@@ -71,3 +73,11 @@ class ExpertWorker:
                 time.sleep(IDLE_SLEEP_S)
                 continue
             self.executor.step()
+
+
+def _own(rows: list[Rows] | None) -> list[Rows] | None:
+    """Rows in tensors of their own: a transport may hand out views of a large receive buffer,
+    which pickling would copy whole."""
+    if rows is None:
+        return None
+    return [Rows(r.x_ND.clone(), r.ids_NK.clone(), r.w_NK.clone()) for r in rows]

@@ -2,13 +2,14 @@
 
     {"version": 1, "model": "Mixtral-8x22B",
      "parallel": {"attn_groups": 2, "attn_tp": 4, "expert_groups": 8, "expert_tp": 2,
-                  "micro_batches": 2, "layout": "afd"},
+                  "micro_batches": 2, "layout": "afd", "afd_transport": "auto"},
      "scheduler": {"max_num_seqs": 2000},
      "hardware": {"attn_gpu": "H20", "expert_gpu": "L40S"},
      "predicted": {"step_s": .., "throughput_tok_s": .., ...}}
 
 ``load_plan`` returns the option values keyed by the CLI destination names (attn_groups,
-attn_tp, expert_groups, expert_tp, micro_batches, max_num_seqs, layout).
+attn_tp, expert_groups, expert_tp, micro_batches, max_num_seqs, layout, and afd_transport when
+the file names one: "ipc", "p2p" or "auto").
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def load_plan(path: str) -> dict:
     if layout not in LAYOUTS:
         raise ValueError(f"{path}: parallel.layout must be one of {LAYOUTS}, got {layout!r}")
     out["layout"] = layout
+    transport = par.get("afd_transport")
+    if transport is not None:
+        from afdserve.config import AFD_TRANSPORTS
+
+        if transport not in AFD_TRANSPORTS:
+            raise ValueError(f"{path}: parallel.afd_transport must be one of {AFD_TRANSPORTS}, got {transport!r}")
+        out["afd_transport"] = transport
     redundant = d.get("eplb", {}).get("num_redundant_experts", 0)
     if not isinstance(redundant, int) or redundant < 0:
         raise ValueError(f"{path}: eplb.num_redundant_experts must be an integer >= 0, got {redundant!r}")

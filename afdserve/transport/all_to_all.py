@@ -34,6 +34,9 @@ class AllToAllExchange:
         self.row_bytes = 8 * top_k + hidden_size * dtype.itemsize
         self._staged: list[torch.Tensor] = []  # pinned count buffers of the exchange in flight
 
+    def check(self) -> None:
+        """Errors surface from the collectives themselves."""
+
     def dispatch(self, layer: int, mb: int, sends: Sequence[Rows]) -> tuple[list[Rows], list[int], list[int]]:
         """Send ``sends[r]`` to rank r; returns (one ``Rows`` per source rank, rows sent per
         peer, rows received per peer). Every rank must call it for the same (layer, mb)."""

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from afdserve.transport.base import Rows, check_capacity
 from afdserve.transport.groups import Groups
+from afdserve.transport.reference import route, unroute
 from afdserve.transport.topology import Topology
 
 COUNT, ROWS, REPLY = 0, 1, 2  # message kinds
@@ -70,6 +71,8 @@ class P2PHandle:
     counts: list[int] = field(default_factory=list)  # rows per peer, when known
     outputs: list[torch.Tensor] = field(default_factory=list)  # what the wait returns
     waited: bool = False
+    routing: object = None  # dispatch_tokens: how the rows map back to tokens
+    num_tokens: int = 0
 
 
 class TorchP2PTransport:
@@ -114,7 +117,27 @@ class TorchP2PTransport:
             raise ValueError(f"{topology.describe(rank)} cannot hold the {side} side of the transport")
         return cls(topology, rank, *args)
 
+    # -- per step (nothing to agree on here: counts travel with every message) ------------------
+
+    def begin_step(self, sizes: list[int] | None = None) -> None:
+        """Start of a global step (the shared-slot transport announces micro-batch sizes here)."""
+
+    def check(self) -> None:
+        """Errors surface from the waits themselves."""
+
     # -- attention side ---------------------------------------------------------------------
+
+    def dispatch_tokens(self, layer: int, mb: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
+                        topk_w_TK: torch.Tensor, placement) -> P2PHandle:
+        """``route`` the tokens (``placement``: this layer's), then ``dispatch`` the rows."""
+        sends, routing = route(x_TD, topk_ids_TK, topk_w_TK, placement)
+        handle = self.dispatch(layer, mb, sends)
+        handle.routing, handle.num_tokens = routing, x_TD.shape[0]
+        return handle
+
+    def combine_tokens(self, handle: P2PHandle) -> torch.Tensor:
+        """``combine_wait``, then each token's sum over expert groups (``unroute``): y_TD."""
+        return unroute(self.combine_wait(handle), handle.routing, handle.num_tokens)
 
     def dispatch(self, layer: int, mb: int, sends: Sequence[Rows]) -> P2PHandle:
         """Issue the rows for every expert group and post the receives of their replies."""

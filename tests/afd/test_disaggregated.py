@@ -75,6 +75,19 @@ def test_afd_matches_single_process(model, reference, topo):
     assert [o.outputs[0].token_ids for o in batch] == [r[:6] for r in reference[:3]]
 
 
+# the shared-slot transport (CPU: shared memory): several senders and receivers, m > 1, TP on both sides
+IPC_TOPOLOGIES = [(1, 1, 1, 1, 2), (3, 1, 2, 1, 4), (2, 2, 3, 2, 3)]
+
+
+@pytest.mark.parametrize("topo", IPC_TOPOLOGIES, ids=lambda t: "na{}_tpa{}_ne{}_tpe{}_m{}".format(*t))
+def test_afd_over_shared_slots_matches_single_process(model, reference, topo):
+    n_a, tp_a, n_e, tp_e, m = topo
+    with LLM(model, max_num_batched_tokens=BUDGET, attn_groups=n_a, attn_tp=tp_a, expert_groups=n_e,
+             expert_tp=tp_e, micro_batches=m, layout="afd", afd_transport="ipc") as llm:
+        done = _run_staggered(llm.engine, _workload())
+    assert [done[str(i)] for i in range(len(reference))] == reference
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_colocated_matches_single_process(model, reference, ranks):
     """Every process an attention replica and an expert group."""

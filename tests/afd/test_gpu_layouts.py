@@ -11,9 +11,11 @@ from afdserve import LLM, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
-LAYOUTS = {  # name: options (two GPUs, one process each)
-    "afd_m1": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=1),
-    "afd_m3": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=3),
+LAYOUTS = {  # name: options (two GPUs, one process each); ipc: the shared-slot transport (CUDA IPC)
+    "afd_m1_ipc": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=1, afd_transport="ipc"),
+    "afd_m3_ipc": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=3, afd_transport="ipc"),
+    "afd_m1_p2p": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=1, afd_transport="p2p"),
+    "afd_m3_p2p": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=3, afd_transport="p2p"),
     "colocated_2": dict(layout="colocated", attn_groups=2),
 }
 
@@ -50,6 +52,6 @@ def test_empty_micro_batches_on_gpu(gpus, tiny_models, reference):
     run every kernel with zero tokens."""
     model = tiny_models["mixtral"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    for options in (LAYOUTS["afd_m3"], LAYOUTS["colocated_2"]):
+    for options in (LAYOUTS["afd_m3_ipc"], LAYOUTS["afd_m3_p2p"], LAYOUTS["colocated_2"]):
         with LLM(model, device="cuda", dtype="float32", enforce_eager=True, **options) as llm:
             assert llm.generate([_prompts()[2]], params)[0].outputs[0].token_ids == reference[2]

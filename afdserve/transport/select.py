@@ -1,0 +1,37 @@
+"""Which M2N transport a deployment uses (``--afd-transport``): the shared-slot one between
+leaders of one node with CUDA ("ipc"), torch.distributed send/recv otherwise ("p2p"). Every
+leader calls ``make_transport`` at the same point of its start-up (both choices may run
+collectives over the leaders' group) and they all choose alike."""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+import torch.distributed as dist
+
+from afdserve.transport.groups import Groups
+from afdserve.transport.slots import SlotTransport
+from afdserve.transport.torch_p2p import TorchP2PTransport
+
+
+def choose_transport(kind: str, groups: Groups) -> str:
+    """"ipc" or "p2p" for ``kind`` ("auto", "ipc", "p2p"); "auto" asks every leader's host name."""
+    if kind != "auto":
+        return kind
+    hosts = [None] * len(groups.topology.leaders)
+    dist.all_gather_object(hosts, socket.gethostname(), group=groups.a2e)
+    return "ipc" if groups.device.type == "cuda" and len(set(hosts)) == 1 else "p2p"
+
+
+def make_transport(kind: str, groups: Groups, rank: int, hidden_size: int, top_k: int, dtype: torch.dtype,
+                   capacity: int, micro_batches: int, timeout_s: float):
+    """This leader's end of the transport (attention or expert side from its role)."""
+    topo, device = groups.topology, groups.device
+    side = topo.role_of(rank).role
+    if choose_transport(kind, groups) == "ipc":
+        cls = SlotTransport.attn_side if side == "attn" else SlotTransport.expert_side
+        return cls(topo, rank, hidden_size, top_k, dtype, device, capacity, micro_batches, group=groups.a2e,
+                   timeout_s=timeout_s)
+    cls = TorchP2PTransport.attn_side if side == "attn" else TorchP2PTransport.expert_side
+    return cls(topo, rank, hidden_size, top_k, dtype, device, capacity, groups=groups)
