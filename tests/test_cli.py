@@ -81,6 +81,10 @@ def test_vllm_parallel_spellings():
     assert _flag_kwargs(p.parse_args(["--dist-timeout", "30"]))["dist_timeout_s"] == 30.0
     kw = _flag_kwargs(p.parse_args(["-tp", "2", "--expert-groups", "2"]))
     assert (kw["attn_tp"], kw["expert_tp"], kw["layout"]) == (2, 2, None)
+    assert _flag_kwargs(p.parse_args([]))["afd_transport"] == "auto"
+    assert _flag_kwargs(p.parse_args(["--afd-transport", "ipc"]))["afd_transport"] == "ipc"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--afd-transport", "rdma"])
     for bad in (["-tp", "2", "--attn-tp", "2"], ["--enable-expert-parallel", "--layout", "afd"]):
         with pytest.raises(ConfigError):
             _flag_kwargs(p.parse_args(bad))

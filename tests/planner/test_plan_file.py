@@ -38,6 +38,7 @@ def test_keys_are_the_runtime_cli_destinations(tmp_path):
     (lambda d: d["parallel"].update(attn_groups=0), "attn_groups"),
     (lambda d: d["parallel"].update(expert_tp=1.5), "expert_tp"),
     (lambda d: d["parallel"].update(layout="pipeline"), "layout"),
+    (lambda d: d["parallel"].update(afd_transport="rdma"), "afd_transport"),
     (lambda d: d["scheduler"].pop("max_num_seqs"), "max_num_seqs"),
 ])
 def test_bad_plan_files(tmp_path, edit, match):
@@ -59,3 +60,16 @@ def test_colocated_plan_file_starts_the_colocated_layout(tmp_path, tiny_models):
     cfg = make_config(tiny_models["mixtral"], **load_plan(path))
     assert cfg.parallel.colocated and cfg.parallel.multi_process and not cfg.parallel.disaggregated
     assert (cfg.parallel.attn_groups, cfg.parallel.expert_groups) == (2, 2)
+
+
+def test_plan_file_can_force_the_transport(tmp_path, tiny_models):
+    from afdserve.config import make_config
+
+    d = plan_to_dict(PLAN, "m")
+    d["parallel"]["afd_transport"] = "p2p"
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(d))
+    opts = load_plan(str(path))
+    assert opts["afd_transport"] == "p2p"
+    opts |= {"attn_tp": 1, "expert_tp": 1, "expert_groups": 2}  # what the tiny model allows
+    assert make_config(tiny_models["mixtral"], **opts).parallel.afd_transport == "p2p"
