@@ -82,8 +82,8 @@ def _worker(rank: int, world: int, m: int, port: int, sizes: list[int], iters: i
             methods: list[str], queue) -> None:
     from afdserve.transport.all_to_all import AllToAllExchange
     from afdserve.transport.groups import init_distributed
-    from afdserve.transport.topology import Topology
     from afdserve.transport.slots import SlotTransport
+    from afdserve.transport.topology import Topology
     from afdserve.transport.torch_p2p import TorchP2PTransport
 
     cuda = device_kind == "cuda"
@@ -125,7 +125,8 @@ def _worker(rank: int, world: int, m: int, port: int, sizes: list[int], iters: i
             msg_bytes = n * row_bytes if method.startswith("afdserve") else size
             if method == "afdserve_ipc":
                 msg_bytes = n * (HIDDEN * dtype.itemsize + 8 * slots.top_k)
-            results.append({"method": method, "bytes": msg_bytes, "shared_gpus": shared, "median_us": 1e6 * statistics.median(one_way),
+            results.append({"method": method, "bytes": msg_bytes, "shared_gpus": shared,
+                            "median_us": 1e6 * statistics.median(one_way),
                             "p99_us": 1e6 * p99(one_way),
                             "gb_per_s": msg_bytes / statistics.median(one_way) / 1e9})
     if rank == 0:

@@ -20,8 +20,8 @@ from afdserve.pipeline_executor import AttnPipelineExecutor, ColocatedExecutor
 from afdserve.scheduler import Scheduler
 from afdserve.tokenizer import eos_token_ids, load_tokenizer
 from afdserve.transport.all_to_all import AllToAllExchange
-from afdserve.transport.topology import Topology
 from afdserve.transport.select import make_transport
+from afdserve.transport.topology import Topology
 from afdserve.worker import (
     IDLE_SLEEP_S,
     StepSync,

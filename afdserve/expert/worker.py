@@ -11,9 +11,9 @@ from afdserve.expert.eplb import initial_placement
 from afdserve.models.loader import open_checkpoint
 from afdserve.models.moe_model import ExpertModel
 from afdserve.pipeline_executor import ExpertPipelineExecutor
-from afdserve.transport.topology import Topology
 from afdserve.transport.base import Rows
 from afdserve.transport.select import make_transport
+from afdserve.transport.topology import Topology
 from afdserve.worker import IDLE_SLEEP_S, StepSync, WorkerSpec, broadcast_object, tp_all_reduce
 
 

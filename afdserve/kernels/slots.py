@@ -89,8 +89,8 @@ def _put_rows_kernel(x_ptr, grp_ptr, slot_ptr, w_ptr, pos_ptr, table_ptr, arrive
 
 
 @triton.jit(do_not_specialize=["bound", "layer", "mb", "num_programs"])
-def _put_reply_kernel(y_ptr, count_ptr, table_ptr, arrive_ptr, epoch_ptr, bound, D: tl.constexpr, layer, mb, num_programs,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _put_reply_kernel(y_ptr, count_ptr, table_ptr, arrive_ptr, epoch_ptr, bound, D: tl.constexpr, layer, mb,
+                      num_programs, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """The first ``count`` (a device value, <= bound) rows of y into one peer's reply slot."""
     pid = tl.program_id(0)
     dst_x = tl.load(table_ptr).to(tl.pointer_type(y_ptr.dtype.element_ty))

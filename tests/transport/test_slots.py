@@ -16,7 +16,7 @@ from afdserve.expert.placement import contiguous_placement
 from afdserve.launcher import WorkerDied, launch
 from afdserve.transport.base import CapacityError, Rows
 from afdserve.transport.reference import route, unroute
-from afdserve.transport.slots import SlotTransport, SlotTransportError, buffer_bytes
+from afdserve.transport.slots import SlotTransport, buffer_bytes
 from afdserve.transport.topology import Topology
 
 D, CAP, LAYERS, STEPS, TOP_K, EXPERTS = 16, 12, 3, 4, 2, 8
