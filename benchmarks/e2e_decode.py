@@ -39,11 +39,12 @@ def _p99(xs: list[float]) -> float:
 
 
 def run_ours(model_dir: str, concurrencies: list[int], input_len: int, output_len: int,
-             device: str = "cuda") -> list[dict]:
+             device: str = "cuda", kv_cache_memory_gb: float | None = None) -> list[dict]:
     from afdserve import LLM, SamplingParams
 
     llm = LLM(model_dir, load_format="dummy", device=device, dtype="bfloat16", max_num_seqs=max(concurrencies),
-              max_num_batched_tokens=8192, max_model_len=input_len + output_len + 16, kv_cache_memory_gb=10)
+              max_num_batched_tokens=8192, max_model_len=input_len + output_len + 16,
+              kv_cache_memory_gb=kv_cache_memory_gb)
     engine, rows = llm.engine, []
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
@@ -56,17 +57,20 @@ def run_ours(model_dir: str, concurrencies: list[int], input_len: int, output_le
         for i in range(c):
             engine.add_request(f"{c}-{i}", torch.randint(0, 151000, (input_len,), generator=gen).tolist(), params)
         t0 = time.perf_counter()
-        decode_steps = []
+        decode_steps, max_running = [], 0  # (batch, seconds) of steps with no prefill work
         while engine.has_unfinished():
+            running, waiting = len(engine.scheduler.running), len(engine.scheduler.waiting)
             s0 = time.perf_counter()
             updated = engine.step()
             now = time.perf_counter()
-            if len(updated) == c and all(r.request_id in stamps for r in updated):
-                decode_steps.append(now - s0)  # every request decoded: no prefill in this step
+            if (len(updated) == running and len(engine.scheduler.waiting) == waiting
+                    and all(r.request_id in stamps for r in updated)):
+                decode_steps.append((running, now - s0))  # every running request decoded, none admitted
+                max_running = max(max_running, running)
             for req in updated:
                 stamps.setdefault(req.request_id, []).append(now)
         total_s = time.perf_counter() - t0
-        rows.append(_row("afdserve", c, input_len, output_len, stamps, total_s, decode_steps))
+        rows.append(_row("afdserve", c, input_len, output_len, stamps, total_s, decode_steps, max_running))
         print(json.dumps(rows[-1]), flush=True)
     llm.shutdown()
     del llm, engine
@@ -74,14 +78,18 @@ def run_ours(model_dir: str, concurrencies: list[int], input_len: int, output_le
 
 
 def _row(system: str, c: int, input_len: int, output_len: int, stamps: dict, total_s: float,
-         decode_steps: list[float]) -> dict:
+         decode_steps: list[tuple[int, float]], max_running: int) -> dict:
+    """Per-request TPOT and inter-token latency; decode tokens/s over the steps without prefill
+    work; the mean step time at the largest batch that ran (KV memory may hold fewer than c)."""
     tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in stamps.values() if len(t) > 1]
     itl = [b - a for t in stamps.values() for a, b in zip(t, t[1:])]
+    full = [s for n, s in decode_steps if n == max_running]
     return {"system": system, "concurrency": c, "input_len": input_len, "output_len": output_len,
-            "total_s": total_s, "output_tok_s": c * output_len / total_s,
-            "decode_tok_s": c / statistics.mean(decode_steps) if decode_steps else None,
-            "mean_tpot_ms": 1e3 * statistics.mean(tpot) if tpot else None, "p99_itl_ms": 1e3 * _p99(itl),
-            "mean_decode_step_ms": 1e3 * statistics.mean(decode_steps) if decode_steps else None}
+            "total_s": total_s, "output_tok_s": c * output_len / total_s, "max_running": max_running,
+            "decode_tok_s": sum(n for n, _ in decode_steps) / sum(s for _, s in decode_steps) if full else None,
+            "mean_tpot_ms": 1e3 * statistics.mean(tpot) if tpot else None,
+            "p99_tpot_ms": 1e3 * _p99(tpot) if tpot else None, "p99_itl_ms": 1e3 * _p99(itl),
+            "mean_decode_step_ms": 1e3 * statistics.mean(full) if full else None}
 
 
 def run_hf(concurrencies: list[int], input_len: int, output_len: int) -> list[dict]:
@@ -123,18 +131,23 @@ def main() -> None:
     ap.add_argument("--hf-output-len", type=int, default=32)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--layers", type=int, default=48, help="fewer layers for a dry run")
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                    help="KV cache size (default: what --gpu-memory-utilization 0.9 leaves after the weights)")
+    ap.add_argument("--commit", default=os.environ.get("AFDSERVE_COMMIT", ""))
     args = ap.parse_args()
-    conc = [int(x) for x in args.concurrency.split(",")]
+    conc = [int(x) for x in args.concurrency.split(",") if x]  # empty: transformers only
+    ours = []
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(QWEN3_30B_A3B | {"num_hidden_layers": args.layers}, f)
-        ours = run_ours(d, conc, args.input_len, args.output_len, args.device)
+        if conc:
+            ours = run_ours(d, conc, args.input_len, args.output_len, args.device, args.kv_cache_memory_gb)
     gc.collect()
     hf = []
-    if args.device == "cuda":
+    if args.device == "cuda" and args.hf_concurrency:
         torch.cuda.empty_cache()
         hf = run_hf([int(x) for x in args.hf_concurrency.split(",")], args.input_len, args.hf_output_len)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     result = {"device": device, "torch": torch.__version__, "commit": commit,
               "command": "PYTHONPATH=. python3 benchmarks/e2e_decode.py " + " ".join(f"--{k.replace('_', '-')} {v}"
@@ -142,10 +155,12 @@ def main() -> None:
               "model": "Qwen3-30B-A3B (random bf16 weights, real shapes)", "ours": ours, "hf": hf}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{'system':24s} {'conc':>5s} {'out tok/s':>10s} {'decode tok/s':>12s} {'TPOT ms':>8s} {'p99 ITL ms':>10s}")
+    print(f"{'system':24s} {'conc':>5s} {'out tok/s':>10s} {'decode tok/s':>12s} {'TPOT ms':>8s} {'p99 TPOT':>8s} "
+          f"{'step ms':>8s}")
     for r in ours + hf:
         print(f"{r['system']:24s} {r['concurrency']:5d} {r['output_tok_s']:10.1f} {r['decode_tok_s'] or 0:12.1f} "
-              f"{r['mean_tpot_ms'] or 0:8.2f} {r.get('p99_itl_ms', float('nan')):10.2f}")
+              f"{r['mean_tpot_ms'] or 0:8.2f} {r.get('p99_tpot_ms') or float('nan'):8.2f} "
+              f"{r.get('mean_decode_step_ms') or float('nan'):8.2f}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _topk_kernel(logits_ptr, ids_ptr, w_ptr, counts_ptr, T, E, stride_t,
-                 K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+def _topk_kernel(logits_ptr, ids_ptr, w_ptr, counts_ptr, T, E, stride_t, K: tl.constexpr, RENORM: tl.constexpr,
+                 COUNT: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, E_PAD)
     tmask, emask = t < T, e < E
@@ -41,28 +41,30 @@ def _topk_kernel(logits_ptr, ids_ptr, w_ptr, counts_ptr, T, E, stride_t,
         tl.store(ids_ptr + t * K + k, idx.to(tl.int64), mask=tmask)
         tl.store(w_ptr + t * K + k, best / total, mask=tmask)
         counts += tl.sum((hit & tmask[:, None]).to(tl.int32), axis=0)
-    tl.atomic_add(counts_ptr + e, counts, mask=emask & (counts > 0))
+    if COUNT:
+        tl.atomic_add(counts_ptr + e, counts, mask=emask & (counts > 0))
 
 
-def fused_topk(logits_TE: torch.Tensor, top_k: int, renormalize: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(topk_ids_TK int64, topk_w_TK float32 descending, counts_E int32) from router logits."""
+def fused_topk(logits_TE: torch.Tensor, top_k: int, renormalize: bool, count: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(topk_ids_TK int64, topk_w_TK float32 descending, counts_E int32) from router logits;
+    ``count=False`` skips the counts (None) and their zero-fill launch."""
     t, num_experts = logits_TE.shape
     ids_TK = torch.empty(t, top_k, dtype=torch.int64, device=logits_TE.device)
     w_TK = torch.empty(t, top_k, dtype=torch.float32, device=logits_TE.device)
-    counts_E = torch.zeros(num_experts, dtype=torch.int32, device=logits_TE.device)
+    counts_E = torch.zeros(num_experts, dtype=torch.int32, device=logits_TE.device) if count else None
     e_pad = max(16, triton.next_power_of_2(num_experts))
     block_t = max(1, min(64, 4096 // e_pad))
     if t:
         logits_TE = logits_TE.contiguous()
-        _topk_kernel[(triton.cdiv(t, block_t),)](logits_TE, ids_TK, w_TK, counts_E, t, num_experts,
-                                                 logits_TE.stride(0), K=top_k, RENORM=renormalize,
-                                                 BLOCK_T=block_t, E_PAD=e_pad)
+        _topk_kernel[(triton.cdiv(t, block_t),)](logits_TE, ids_TK, w_TK, counts_E if count else ids_TK, t,
+                                                 num_experts, logits_TE.stride(0), K=top_k, RENORM=renormalize,
+                                                 COUNT=count, BLOCK_T=block_t, E_PAD=e_pad)
     return ids_TK, w_TK, counts_E
 
 
 def route_gpu(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormalize: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax router: (topk_ids_TK int64, topk_w_TK float32), as ``layers.moe.route``."""
-    ids_TK, w_TK, _ = fused_topk(F.linear(x_TD, gate_ED), top_k, renormalize)
+    ids_TK, w_TK, _ = fused_topk(F.linear(x_TD, gate_ED), top_k, renormalize, count=False)
     return ids_TK, w_TK

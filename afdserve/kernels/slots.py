@@ -89,14 +89,16 @@ def _put_rows_kernel(x_ptr, grp_ptr, slot_ptr, w_ptr, pos_ptr, table_ptr, arrive
 
 
 @triton.jit(do_not_specialize=["bound", "layer", "mb", "num_programs"])
-def _put_reply_kernel(y_ptr, count_ptr, table_ptr, arrive_ptr, epoch_ptr, bound, D: tl.constexpr, layer, mb,
-                      num_programs, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The first ``count`` (a device value, <= bound) rows of y into one peer's reply slot."""
+def _put_reply_kernel(y_ptr, count_ptr, table_ptr, arrive_ptr, epoch_ptr, err_ptr, bound, D: tl.constexpr, layer,
+                      mb, num_programs, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The first ``count`` (a device value, <= bound) rows of y into one peer's reply slot; after
+    an error on this side, no rows and a count of -1 (the peer then reports it too)."""
     pid = tl.program_id(0)
     dst_x = tl.load(table_ptr).to(tl.pointer_type(y_ptr.dtype.element_ty))
     dst_hdr = tl.load(table_ptr + 3).to(tl.pointer_type(tl.int32))
     dst_flag = tl.load(table_ptr + 4).to(tl.pointer_type(tl.int64))
     count = tl.minimum(tl.load(count_ptr), bound)
+    count = tl.where(tl.load(err_ptr, volatile=True) != 0, -1, count)
     r = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     ok = r < count
     for d0 in range(0, D, BLOCK_D):
@@ -118,7 +120,8 @@ def _wait_kernel(flag_ptr, flag_stride, expect_ptr, hdr_ptr, hdr_stride, bound_p
     seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
     start = _now_ns()
     waited = start - start
-    while (seen < expect) & (waited < timeout_ns):
+    failed = tl.load(err_ptr, volatile=True) != 0  # an earlier wait failed: do not spin again (fatal)
+    while (seen < expect) & (waited < timeout_ns) & (failed == 0):
         seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
         waited = _now_ns() - start
     hdr = hdr_ptr + s * hdr_stride
@@ -130,8 +133,8 @@ def _wait_kernel(flag_ptr, flag_stride, expect_ptr, hdr_ptr, hdr_stride, bound_p
         bad_count = count != bound
     else:
         bad_count = count > bound
-    code = tl.where(seen < expect, 1, tl.where(bad_count, 2, tl.where((hdr_layer != layer) | (hdr_mb != mb),
-                                                                        3, 0)))
+    code = tl.where(seen < expect, 1, tl.where(count < 0, 4, tl.where(bad_count, 2, tl.where(
+        (hdr_layer != layer) | (hdr_mb != mb), 3, 0))))
     value = tl.where(code == 1, seen, tl.where(code == 2, count, hdr_layer))
     if code != 0:
         code64 = code.to(tl.int64)
@@ -164,12 +167,13 @@ def put_rows(x_TD: torch.Tensor, group_TK: torch.Tensor, slot_TK: torch.Tensor, 
 
 
 def put_reply(y_ND: torch.Tensor, count: torch.Tensor, table_5: torch.Tensor, arrive: torch.Tensor,
-              epoch: torch.Tensor, layer: int, mb: int) -> None:
-    """Write the first ``count`` rows of ``y_ND`` (count on the device) into a peer's reply slot."""
+              epoch: torch.Tensor, err: torch.Tensor, layer: int, mb: int) -> None:
+    """Write the first ``count`` rows of ``y_ND`` (count on the device) into a peer's reply slot
+    (none, count -1, once ``err`` holds an error of this side)."""
     n, d = y_ND.shape
     block_t = _block_t(d)
     programs = max(1, triton.cdiv(n, block_t))
-    _put_reply_kernel[(programs,)](y_ND.contiguous(), count, table_5, arrive, epoch, n, d, layer, mb, programs,
+    _put_reply_kernel[(programs,)](y_ND.contiguous(), count, table_5, arrive, epoch, err, n, d, layer, mb, programs,
                                    BLOCK_T=block_t, BLOCK_D=min(1024, triton.next_power_of_2(d)))
 
 

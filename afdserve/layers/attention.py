@@ -9,6 +9,8 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
+from afdserve.layers.basic import apply_rope, rms_norm
+
 
 @dataclass
 class AttnMeta:
@@ -59,6 +61,25 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_TGHd: torch.Tensor,
         return write_kv_gpu(k_cache, v_cache, k_TGHd, v_TGHd, slot_mapping_T)
     k_cache.view(-1, *k_cache.shape[2:])[slot_mapping_T] = k_TGHd
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping_T] = v_TGHd
+
+
+def prepare_qkv(qkv_TF: torch.Tensor, heads: int, kv_heads: int, q_norm_Hd: torch.Tensor | None,
+                k_norm_Hd: torch.Tensor | None, eps: float, rope: tuple[torch.Tensor, torch.Tensor],
+                k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping_T: torch.Tensor) -> torch.Tensor:
+    """Split the fused projection [T, (H + 2G) * Hd] into heads, RMSNorm q and k per head
+    (when the model has q/k norms), rotate them, store keys and values; returns q [T, H, Hd]."""
+    if qkv_TF.is_cuda:
+        from afdserve.kernels.qkv import prepare_qkv_gpu  # Triton: imported only on GPU
+        return prepare_qkv_gpu(qkv_TF, heads, kv_heads, q_norm_Hd, k_norm_Hd, eps, *rope, k_cache, v_cache,
+                               slot_mapping_T)
+    hd = k_cache.shape[3]
+    q, k, v = qkv_TF.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    q, k, v = q.unflatten(-1, (heads, hd)), k.unflatten(-1, (kv_heads, hd)), v.unflatten(-1, (kv_heads, hd))
+    if q_norm_Hd is not None:
+        q, k = rms_norm(q, q_norm_Hd, eps), rms_norm(k, k_norm_Hd, eps)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    write_kv(k_cache, v_cache, k, v, slot_mapping_T)
+    return q
 
 
 def paged_attention(q_THHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

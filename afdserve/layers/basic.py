@@ -9,11 +9,22 @@ import torch.nn.functional as F
 
 def rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, cast back, then scaled (HF's order of operations)."""
-    if x_TD.is_cuda:  # one fused kernel instead of five on the GPU
-        return weight_D * F.rms_norm(x_TD.float(), x_TD.shape[-1:], eps=eps).to(x_TD.dtype)
+    if x_TD.is_cuda:  # one launch instead of five on the GPU
+        from afdserve.kernels.norm import rms_norm_gpu  # Triton: imported only on GPU
+        return rms_norm_gpu(x_TD, weight_D, eps)
     x = x_TD.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight_D * x.to(x_TD.dtype)
+
+
+def add_rms_norm(x_TD: torch.Tensor, a_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + a), x + a): the residual add and the next norm, one launch on the GPU."""
+    if x_TD.is_cuda:
+        from afdserve.kernels.norm import add_rms_norm_gpu  # Triton: imported only on GPU
+        return add_rms_norm_gpu(x_TD, a_TD, weight_D, eps)
+    s_TD = x_TD + a_TD
+    return rms_norm(s_TD, weight_D, eps), s_TD
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

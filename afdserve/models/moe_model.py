@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from afdserve.config import ConfigError, ModelConfig
-from afdserve.layers.attention import AttnMeta, paged_attention, write_kv
-from afdserve.layers.basic import apply_rope, linear, rms_norm, rope_cos_sin
+from afdserve.layers.attention import AttnMeta, paged_attention, prepare_qkv
+from afdserve.layers.basic import add_rms_norm, linear, rms_norm, rope_cos_sin
 from afdserve.layers.moe import dense_mlp, expert_ffn, route
 from afdserve.models.loader import Checkpoint
 from afdserve.models.names import attn_names, expert_names, global_names
@@ -80,6 +80,9 @@ class AttentionModel:
             if name in w:
                 w[name] = w[name][a * hd:b * hd].contiguous()
         w["wo"] = w["wo"][:, h0 * hd:h1 * hd].contiguous()
+        w["wqkv"] = torch.cat([w.pop("wq"), w.pop("wk"), w.pop("wv")])  # one GEMM for q, k and v
+        if "bq" in w:
+            w["bqkv"] = torch.cat([w.pop("bq"), w.pop("bk"), w.pop("bv")])
         if "shared_gate_proj" in w:
             w["shared_w13"] = torch.cat([w.pop("shared_gate_proj"), w.pop("shared_up_proj")])
         return w
@@ -101,8 +104,7 @@ class AttentionModel:
         w, cfg = self.layers[layer], self.cfg
         x_TD = rms_norm(h_TD, w["input_norm_D"], cfg.rms_norm_eps)
         attn_TD = self.all_reduce(self._attention(w, x_TD, meta, kv))
-        residual_TD = h_TD + attn_TD
-        x_TD = rms_norm(residual_TD, w["post_norm_D"], cfg.rms_norm_eps)
+        x_TD, residual_TD = add_rms_norm(h_TD, attn_TD, w["post_norm_D"], cfg.rms_norm_eps)
         bias_E = None if self.router_bias_LE is None else self.router_bias_LE[layer]
         topk_ids_TK, topk_w_TK = route(x_TD, w["gate_ED"], cfg.top_k, cfg.norm_topk_prob, bias_E)
         shared_TD = None
@@ -114,17 +116,11 @@ class AttentionModel:
     def _attention(self, w: dict[str, torch.Tensor], x_TD: torch.Tensor, meta: AttnMeta,
                    kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         t, hd, h, g = x_TD.shape[0], self.cfg.head_dim, self.num_local_heads, self.num_local_kv_heads
-        q = linear(x_TD, w["wq"], w.get("bq")).view(t, h, hd)
-        k = linear(x_TD, w["wk"], w.get("bk")).view(t, g, hd)
-        v = linear(x_TD, w["wv"], w.get("bv")).view(t, g, hd)
-        if "q_norm" in w:
-            q = rms_norm(q, w["q_norm"], self.cfg.rms_norm_eps)
-            k = rms_norm(k, w["k_norm"], self.cfg.rms_norm_eps)
+        qkv_TF = linear(x_TD, w["wqkv"], w.get("bqkv"))
         if meta.rope is None:  # once per forward, not once per layer
             meta.rope = rope_cos_sin(meta.positions_T, hd, self.cfg.rope_theta)
-        cos, sin = meta.rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        write_kv(kv[0], kv[1], k, v, meta.slot_mapping_T)
+        q = prepare_qkv(qkv_TF, h, g, w.get("q_norm"), w.get("k_norm"), self.cfg.rms_norm_eps, meta.rope, *kv,
+                        meta.slot_mapping_T)
         o = paged_attention(q, kv[0], kv[1], meta, self.scale)
         return linear(o.reshape(t, h * hd), w["wo"])
 

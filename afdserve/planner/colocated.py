@@ -5,7 +5,8 @@
 - EP (layout "colocated", what this runtime's ``--layout colocated`` runs, vLLM/SGLang's DP
   attention + expert parallel): n processes, one per GPU, each an attention replica of b
   sequences holding E/n experts; per layer two all-to-alls of the routed rows:
-  T_step = L·(T_a(b) + T_e(pairs = b·K, experts = E/n) + 2·T_c), T_c the rows one GPU sends
+  T_step = L·(T_a(b) + T_e(pairs = n·b·K·⌈E/n⌉/E, experts = ⌈E/n⌉) + 2·T_c) (the busiest GPU's
+  share of the routed rows; b·K when n divides E), T_c the rows one GPU sends
   to the others (eq. 6 at the measured or assumed utilisation).
 """
 
@@ -57,7 +58,8 @@ def colocated_ep_plan(req: PlanRequest, gpu: GPU, n: int, rejections: list[Rejec
 
     def stages(b: int) -> tuple[float, float, float]:
         t_c = transfer_time_s(b * rows_per_token * shape.row_bytes, gpu.net_gb_per_s, curve)
-        return attn_time_s(b, req.avg_seq_len, a), expert_time_s(b * shape.top_k, held, e), t_c
+        pairs = b * n * shape.top_k * held / shape.num_experts  # the busiest GPU's share of all n·b·K
+        return attn_time_s(b, req.avg_seq_len, a), expert_time_s(pairs, held, e), t_c
 
     def step(b: int) -> float:
         t_a, t_e, t_c = stages(b)

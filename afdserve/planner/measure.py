@@ -17,8 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from afdserve.layers.attention import AttnMeta, paged_attention, write_kv
-from afdserve.layers.basic import apply_rope, linear, rms_norm, rope_cos_sin
+from afdserve.layers.attention import AttnMeta, paged_attention, prepare_qkv
+from afdserve.layers.basic import add_rms_norm, linear, rms_norm, rope_cos_sin
 from afdserve.layers.moe import expert_ffn, route
 from afdserve.planner.models import MoEShape
 from afdserve.planner.perf_model import AttnCoeffs, ExpertCoeffs
@@ -52,7 +52,7 @@ def attention_runner(shape: MoEShape, tp: int, b: int, s: int, device: torch.dev
     hd, h = shape.head_dim, shape.hidden
     heads, kv_heads = shape.num_heads // tp, max(1, shape.num_kv_heads // tp)
     w = {name: torch.randn(*dims, device=device, dtype=dtype) * 0.02 for name, dims in {
-        "wq": (heads * hd, h), "wk": (kv_heads * hd, h), "wv": (kv_heads * hd, h), "wo": (h, heads * hd),
+        "wqkv": ((heads + 2 * kv_heads) * hd, h), "wo": (h, heads * hd),
         "gate": (shape.num_experts, h)}.items()}
     norm_D = torch.ones(h, device=device, dtype=dtype)
     per_seq = math.ceil((s + 1) / BLOCK_SIZE)
@@ -70,12 +70,11 @@ def attention_runner(shape: MoEShape, tp: int, b: int, s: int, device: torch.dev
 
     def run() -> object:
         x_TD = rms_norm(h_TD, norm_D, 1e-6)
-        q, k, v = (linear(x_TD, w[n]).view(b, -1, hd) for n in ("wq", "wk", "wv"))
-        cos, sin = rope_cos_sin(meta.positions_T, hd, 10000.0)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping_T)
+        rope = rope_cos_sin(meta.positions_T, hd, 10000.0)
+        q = prepare_qkv(linear(x_TD, w["wqkv"]), heads, kv_heads, None, None, 1e-6, rope, k_cache, v_cache,
+                        meta.slot_mapping_T)
         o_TD = linear(paged_attention(q, k_cache, v_cache, meta, hd ** -0.5).reshape(b, -1), w["wo"])
-        return route(rms_norm(h_TD + o_TD, norm_D, 1e-6), w["gate"], shape.top_k, True)
+        return route(add_rms_norm(h_TD, o_TD, norm_D, 1e-6)[0], w["gate"], shape.top_k, True)
 
     return run
 

@@ -49,7 +49,7 @@ from afdserve.transport.base import CapacityError, Rows
 from afdserve.transport.topology import Topology
 
 ERRORS = {1: "no message arrived within the timeout", 2: "the row count {v} is past what was expected",
-          3: "the header names layer {v}"}
+          3: "the header names layer {v}", 4: "the peer reported an error of its own (see its log)"}
 _ALIGN = 256
 
 
@@ -182,14 +182,16 @@ class SlotTransport:
         geometry = (slots, capacity, hidden_size, top_k, dtype)
         raw, handle = _allocate(buffer_bytes(own_senders, *geometry, rows=not attn), self.device)
         handles = [None] * len(topology.leaders)
-        dist.all_gather_object(handles, handle, group=group)
-        self.inbox = _views(raw, own_senders, *geometry, rows=not attn)
-        leaders = topology.leaders
-        self.outboxes = [_views(_open(handles[leaders.index(p)], self.device), peer_senders, *geometry, rows=attn)
-                         for p in self.peers]
-        dist.barrier(group=group)  # every peer has mapped every buffer
-        if handle[0] == "cpu":
-            os.unlink(handle[1])  # the mappings stay
+        try:
+            dist.all_gather_object(handles, handle, group=group)
+            self.inbox = _views(raw, own_senders, *geometry, rows=not attn)
+            leaders = topology.leaders
+            self.outboxes = [_views(_open(handles[leaders.index(p)], self.device), peer_senders, *geometry,
+                                    rows=attn) for p in self.peers]
+            dist.barrier(group=group)  # every peer has mapped every buffer
+        finally:
+            if handle[0] == "cpu":
+                os.unlink(handle[1])  # the mappings stay; on an error nothing is left behind
         self._busy: dict[int, int] = {}  # slot -> layer in flight
         self._bounds: list[list[int]] | None = None  # expert side: [mb][sender] rows at most
         self._sent = []  # Gloo sends of the sizes in flight
@@ -358,7 +360,7 @@ class SlotTransport:
                 from afdserve.kernels.slots import put_reply
 
                 put_reply(y_ND, h.counts[a], self._table[mb, a], self._arrive[mb, a:a + 1],
-                          self._epoch_dev[mb, a:a + 1], layer, mb)
+                          self._epoch_dev[mb, a:a + 1], self._err, layer, mb)
             else:
                 n = int(h.counts[a])
                 self._put(box.slots[self.index][mb], a, layer, mb, y_ND[:n])

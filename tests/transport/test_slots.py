@@ -154,11 +154,23 @@ def _fault_worker(rank: int, world_size: int, init_method: str, fault: str, devi
         t.begin_step([4])
         if fault == "silent":
             time.sleep(30)  # never dispatches
-        t.dispatch_tokens(0 if fault != "header" else 1, 0, x, ids, w, placement)  # "header": a wrong layer
+        if fault == "cascade":  # every reply missing: later waits must not each wait the timeout
+            for layer in range(6):
+                t.combine_tokens(t.dispatch_tokens(layer, 0, x, ids, w, placement))
+            t.check()
+        h = t.dispatch_tokens(0 if fault not in ("header", "relay") else 1, 0, x, ids, w, placement)  # wrong layer
+        if fault == "relay":  # the expert saw the bad header, still replies: its error must reach us
+            t.combine_tokens(h)
+            t.check()
         time.sleep(30)
     else:
         t.begin_step()
-        t.receive_wait(t.receive(0, 0))
+        if fault == "cascade":
+            time.sleep(30)  # never replies
+        rows = t.receive_wait(t.receive(0, 0))
+        if fault == "relay":
+            t.reply(0, 0, [torch.zeros_like(r.x_ND) for r in rows])
+            time.sleep(30)
         t.check()  # CUDA: the error recorded on the GPU surfaces here
         time.sleep(30)
 
@@ -179,15 +191,28 @@ def test_faults_name_both_ranks_cuda(fault, what):
     _check_fault(fault, what, "cuda")
 
 
-def _check_fault(fault: str, what: str, device: str) -> None:
+@pytest.mark.gpu
+def test_expert_errors_reach_the_attention_side_cuda():
+    """The expert saw a wrong header but still replies: the reply carries its error, so the
+    attention side raises instead of using the rows; a dead peer costs one timeout, not one per wait."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _check_fault("relay", "the peer reported an error of its own", "cuda", rank=0)
+    _check_fault("cascade", "no message arrived within the timeout", "cuda", rank=0, within_s=9)
+
+
+def _check_fault(fault: str, what: str, device: str, rank: int = 1, within_s: float = 30) -> None:
     start = time.monotonic()
     with pytest.raises(WorkerDied) as err:
         launch(_fault_worker, 2, (fault, device), describe=Topology(1, 1, 1, 1).describe, grace_s=1.0)
     msg = str(err.value)
-    assert err.value.rank == 1 and "SlotTransportError" in msg and what in msg, msg
-    assert "rank 1 (expert group 0, tp rank 0): rows from rank 0 (attention group 0, tp rank 0)" in msg, msg
+    assert err.value.rank == rank and "SlotTransportError" in msg and what in msg, msg
+    me, peer = "rank 1 (expert group 0, tp rank 0)", "rank 0 (attention group 0, tp rank 0)"
+    if rank == 0:
+        me, peer = peer, me
+    assert f"{me}: {'rows' if rank else 'replies'} from {peer}" in msg, msg
     assert "layer 0, micro-batch 0" in msg, msg
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < within_s
 
 
 def _capacity_worker(rank: int, world_size: int, init_method: str) -> None:
