@@ -192,16 +192,18 @@ def test_faults_name_both_ranks_cuda(fault, what):
 
 
 @pytest.mark.gpu
-def test_expert_errors_reach_the_attention_side_cuda():
-    """The expert saw a wrong header but still replies: the reply carries its error, so the
-    attention side raises instead of using the rows; a dead peer costs one timeout, not one per wait."""
+@pytest.mark.parametrize("fault,what,layer,within_s", [
+    ("relay", "the peer reported an error of its own", 1, 30),  # its reply carries the expert's error
+    ("cascade", "no message arrived within the timeout", 0, 9)])  # one timeout (2 s), not one per wait
+def test_expert_errors_reach_the_attention_side_cuda(fault, what, layer, within_s):
+    """The expert saw a wrong header but still replies: the attention side raises instead of
+    using the rows. A peer that never replies costs one timeout, however many waits follow."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    _check_fault("relay", "the peer reported an error of its own", "cuda", rank=0)
-    _check_fault("cascade", "no message arrived within the timeout", "cuda", rank=0, within_s=9)
+    _check_fault(fault, what, "cuda", rank=0, layer=layer, within_s=within_s)
 
 
-def _check_fault(fault: str, what: str, device: str, rank: int = 1, within_s: float = 30) -> None:
+def _check_fault(fault: str, what: str, device: str, rank: int = 1, layer: int = 0, within_s: float = 30) -> None:
     start = time.monotonic()
     with pytest.raises(WorkerDied) as err:
         launch(_fault_worker, 2, (fault, device), describe=Topology(1, 1, 1, 1).describe, grace_s=1.0)
@@ -211,7 +213,7 @@ def _check_fault(fault: str, what: str, device: str, rank: int = 1, within_s: fl
     if rank == 0:
         me, peer = peer, me
     assert f"{me}: {'rows' if rank else 'replies'} from {peer}" in msg, msg
-    assert "layer 0, micro-batch 0" in msg, msg
+    assert f"layer {layer}, micro-batch 0" in msg, msg
     assert time.monotonic() - start < within_s
 
 
