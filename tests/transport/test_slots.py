@@ -155,7 +155,7 @@ def _fault_worker(rank: int, world_size: int, init_method: str, fault: str, devi
         if fault == "silent":
             time.sleep(30)  # never dispatches
         if fault == "cascade":  # every reply missing: later waits must not each wait the timeout
-            for layer in range(6):
+            for layer in range(12):
                 t.combine_tokens(t.dispatch_tokens(layer, 0, x, ids, w, placement))
             t.check()
         h = t.dispatch_tokens(0 if fault not in ("header", "relay") else 1, 0, x, ids, w, placement)  # wrong layer
@@ -194,7 +194,7 @@ def test_faults_name_both_ranks_cuda(fault, what):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fault,what,layer,within_s", [
     ("relay", "the peer reported an error of its own", 1, 30),  # its reply carries the expert's error
-    ("cascade", "no message arrived within the timeout", 0, 9)])  # one timeout (2 s), not one per wait
+    ("cascade", "no message arrived within the timeout", 0, 15)])  # one timeout (2 s), not 12
 def test_expert_errors_reach_the_attention_side_cuda(fault, what, layer, within_s):
     """The expert saw a wrong header but still replies: the attention side raises instead of
     using the rows. A peer that never replies costs one timeout, however many waits follow."""
