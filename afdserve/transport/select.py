@@ -16,12 +16,19 @@ from afdserve.transport.torch_p2p import TorchP2PTransport
 
 
 def choose_transport(kind: str, groups: Groups) -> str:
-    """"ipc" or "p2p" for ``kind`` ("auto", "ipc", "p2p"); "auto" asks every leader's host name."""
+    """"ipc" or "p2p" for ``kind`` ("auto", "ipc", "p2p"). "auto" takes "ipc" when every leader
+    runs on CUDA on one host and each of their GPUs can access the others' memory (P2P)."""
     if kind != "auto":
         return kind
-    hosts = [None] * len(groups.topology.leaders)
-    dist.all_gather_object(hosts, socket.gethostname(), group=groups.a2e)
-    return "ipc" if groups.device.type == "cuda" and len(set(hosts)) == 1 else "p2p"
+    n, cuda = len(groups.topology.leaders), groups.device.type == "cuda"
+    mine = (groups.device.index or 0) if cuda else -1
+    where = [None] * n
+    dist.all_gather_object(where, (socket.gethostname(), mine), group=groups.a2e)
+    reach = cuda and len({host for host, _ in where}) == 1 and all(
+        d == mine or torch.cuda.can_device_access_peer(mine, d) for _, d in where)
+    every = [None] * n
+    dist.all_gather_object(every, reach, group=groups.a2e)  # all leaders choose alike
+    return "ipc" if all(every) else "p2p"
 
 
 def make_transport(kind: str, groups: Groups, rank: int, hidden_size: int, top_k: int, dtype: torch.dtype,

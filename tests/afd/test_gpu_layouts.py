@@ -16,6 +16,7 @@ LAYOUTS = {  # name: options (two GPUs, one process each); ipc: the shared-slot 
     "afd_m3_ipc": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=3, afd_transport="ipc"),
     "afd_m1_p2p": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=1, afd_transport="p2p"),
     "afd_m3_p2p": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=3, afd_transport="p2p"),
+    "afd_m2_auto": dict(layout="afd", attn_groups=1, expert_groups=1, micro_batches=2),  # picks ipc (P2P checked)
     "colocated_2": dict(layout="colocated", attn_groups=2),
 }
 
