@@ -31,7 +31,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from afdserve.planner.colocated import colocated_ep_plan  # noqa: E402
+from afdserve.planner.colocated import colocated_ep_plan, colocated_ep_step_s  # noqa: E402
 from afdserve.planner.core import Plan, PlanRequest, Rejection, SearchSpace  # noqa: E402
 from afdserve.planner.hardware import get_gpu  # noqa: E402
 from afdserve.planner.models import load_shape  # noqa: E402
@@ -39,14 +39,10 @@ from afdserve.planner.perf_model import (  # noqa: E402
     AfdLayout,
     Hardware,
     afd_stage_times_s,
-    attn_time_s,
     balanced_attn_groups,
-    expert_time_s,
-    groups_per_token,
     min_micro_batches,
     step_time_lower_bound_s,
     step_time_s,
-    transfer_time_s,
 )
 from afdserve.planner.profile import CoeffSource, Profile, load_profile  # noqa: E402
 from afdserve.planner.search import AttnSide, attn_sides_for, expert_sides_for, largest_true, search  # noqa: E402
@@ -135,15 +131,8 @@ def colocated_point(req: PlanRequest, num_gpus: int) -> dict:
 
 
 def colocated_step_s(req: PlanRequest, n: int, b: float) -> float:
-    """The step of ``colocated_ep_plan`` at a given batch per GPU (it only reports the SLO-best
-    one): L·(T_a(b) + T_e(n·b·K·ceil(E/n)/E pairs, ceil(E/n) experts) + 2·T_c) + sampling."""
-    shape, gpu = req.shape, req.attn_gpus[0]
-    a, e = req.coeffs.attn(shape, gpu, 1), req.coeffs.expert(shape, gpu, 1)
-    rows_per_token = groups_per_token(shape.num_experts, shape.top_k, n) * (n - 1) / n
-    t_c = transfer_time_s(b * rows_per_token * shape.row_bytes, gpu.net_gb_per_s, req.coeffs.util_curve())
-    held = -(-shape.num_experts // n)
-    t_e = expert_time_s(b * n * shape.top_k * held / shape.num_experts, held, e)
-    return shape.num_layers * (attn_time_s(b, req.avg_seq_len, a) + t_e + 2 * t_c) + req.sample_s
+    """The step of ``colocated_ep_plan`` at a given batch per GPU (it only reports the SLO-best one)."""
+    return colocated_ep_step_s(req, req.attn_gpus[0], n, b)
 
 
 def sweep_row(req: PlanRequest, attn: AttnSide, hw: Hardware, n_a: int, ms: tuple[int, ...]) -> dict:

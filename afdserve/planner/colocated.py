@@ -38,6 +38,23 @@ def colocated_baselines(req: PlanRequest, rejections: list[Rejection]) -> list[P
     return sorted(plans, key=lambda p: -p.tok_s_per_cost)
 
 
+def colocated_ep_stages(req: PlanRequest, gpu: GPU, n: int, b: float) -> tuple[float, float, float]:
+    """(T_a, T_e, T_c) of one layer of EP on n GPUs at b sequences per GPU."""
+    shape = req.shape
+    held = -(-shape.num_experts // n)
+    rows_per_token = groups_per_token(shape.num_experts, shape.top_k, n) * (n - 1) / n  # to the other GPUs
+    t_c = transfer_time_s(b * rows_per_token * shape.row_bytes, gpu.net_gb_per_s, req.coeffs.util_curve())
+    pairs = b * n * shape.top_k * held / shape.num_experts  # the busiest GPU's share of all n·b·K
+    t_a = attn_time_s(b, req.avg_seq_len, req.coeffs.attn(shape, gpu, 1))
+    return t_a, expert_time_s(pairs, held, req.coeffs.expert(shape, gpu, 1)), t_c
+
+
+def colocated_ep_step_s(req: PlanRequest, gpu: GPU, n: int, b: float) -> float:
+    """One step of EP on n GPUs at b sequences per GPU: L·(T_a + T_e + 2·T_c) + sampling."""
+    t_a, t_e, t_c = colocated_ep_stages(req, gpu, n, b)
+    return req.shape.num_layers * (t_a + t_e + 2 * t_c) + req.sample_s
+
+
 def colocated_ep_plan(req: PlanRequest, gpu: GPU, n: int, rejections: list[Rejection]) -> Plan | None:
     """DP attention + expert parallel on n GPUs: the largest per-GPU batch meeting the SLO."""
     from afdserve.planner.search import largest_true  # search imports this module
@@ -53,24 +70,17 @@ def colocated_ep_plan(req: PlanRequest, gpu: GPU, n: int, rejections: list[Rejec
         rejections.append(Rejection("colocated", gpu.name, 1, what,
                                     f"weights {weights / 1e9:.1f} GB + KV > usable {usable / 1e9:.1f} GB"))
         return None
-    a, e, curve = req.coeffs.attn(shape, gpu, 1), req.coeffs.expert(shape, gpu, 1), req.coeffs.util_curve()
-    rows_per_token = groups_per_token(shape.num_experts, shape.top_k, n) * (n - 1) / n  # to the other GPUs
+    a, e = req.coeffs.attn(shape, gpu, 1), req.coeffs.expert(shape, gpu, 1)
 
-    def stages(b: int) -> tuple[float, float, float]:
-        t_c = transfer_time_s(b * rows_per_token * shape.row_bytes, gpu.net_gb_per_s, curve)
-        pairs = b * n * shape.top_k * held / shape.num_experts  # the busiest GPU's share of all n·b·K
-        return attn_time_s(b, req.avg_seq_len, a), expert_time_s(pairs, held, e), t_c
-
-    def step(b: int) -> float:
-        t_a, t_e, t_c = stages(b)
-        return shape.num_layers * (t_a + t_e + 2 * t_c) + req.sample_s
+    def step(b: float) -> float:
+        return colocated_ep_step_s(req, gpu, n, b)
 
     b = largest_true(lambda b: step(b) <= req.slo_s, max_seqs)
     if b == 0:
         rejections.append(Rejection("colocated", gpu.name, 1, what, f"one sequence per GPU takes "
                                     f"{step(1) * 1e3:.0f} ms > SLO {req.slo_s * 1e3:.0f} ms"))
         return None
-    t_a, t_e, t_c = stages(b)
+    t_a, t_e, t_c = colocated_ep_stages(req, gpu, n, b)
     mem_frac = (weights + b * per_seq) / usable
     return Plan(layout="colocated", attn_gpu=gpu.name, expert_gpu=gpu.name, tp_a=1, n_a=n, tp_e=1, n_e=n, m=1,
                 b_a=b, t_a_s=t_a, t_e_s=t_e, t_c_s=t_c, step_s=step(b), num_gpus=n, cost=n * gpu.price_rel,

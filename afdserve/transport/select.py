@@ -20,15 +20,14 @@ def choose_transport(kind: str, groups: Groups) -> str:
     runs on CUDA on one host and each of their GPUs can access the others' memory (P2P)."""
     if kind != "auto":
         return kind
-    n, cuda = len(groups.topology.leaders), groups.device.type == "cuda"
+    cuda = groups.device.type == "cuda"
     mine = (groups.device.index or 0) if cuda else -1
-    where = [None] * n
-    dist.all_gather_object(where, (socket.gethostname(), mine), group=groups.a2e)
-    reach = cuda and len({host for host, _ in where}) == 1 and all(
-        d == mine or torch.cuda.can_device_access_peer(mine, d) for _, d in where)
-    every = [None] * n
-    dist.all_gather_object(every, reach, group=groups.a2e)  # all leaders choose alike
-    return "ipc" if all(every) else "p2p"
+    reach = [d for d in range(torch.cuda.device_count() if cuda else 0)
+             if d == mine or torch.cuda.can_device_access_peer(mine, d)]
+    where = [None] * len(groups.topology.leaders)
+    dist.all_gather_object(where, (socket.gethostname(), mine, reach), group=groups.a2e)
+    one_host = len({host for host, _, _ in where}) == 1
+    return "ipc" if cuda and one_host and all(d in r for _, _, r in where for _, d, _ in where) else "p2p"
 
 
 def make_transport(kind: str, groups: Groups, rank: int, hidden_size: int, top_k: int, dtype: torch.dtype,
