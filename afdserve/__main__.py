@@ -57,6 +57,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                    help="dummy: random weights at the checkpoint's shapes (benchmarks, no download)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch the next step while the GPU runs this one (default: on for a "
+                        "single-process GPU engine; steps with logprobs, penalties or seeds run synchronously)")
     p.add_argument("--dist-timeout", type=float, default=120.0, dest="dist_timeout_s",
                    help="seconds before a collective or transfer with a silent peer fails (every process group)")
     p.add_argument("--router-skew", type=float, default=0.0,
@@ -113,7 +116,7 @@ def _flag_kwargs(args: argparse.Namespace) -> dict:
                 enable_eplb=args.enable_eplb, num_redundant_experts=args.num_redundant_experts,
                 eplb_window_size=args.eplb_window_size, eplb_step_interval=args.eplb_step_interval,
                 eplb_threshold=args.eplb_threshold, expert_load_file=args.expert_load_file,
-                benchmark_skip_prefill=args.benchmark_skip_prefill)
+                benchmark_skip_prefill=args.benchmark_skip_prefill, async_scheduling=args.async_scheduling)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

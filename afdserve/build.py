@@ -92,5 +92,7 @@ def build_local_engine(cfg: EngineConfig, show_progress: bool = False) -> Engine
         from afdserve.cuda_graphs import GraphedExecutor
 
         executor = GraphedExecutor(executor, cfg.scheduler.max_num_seqs, cfg.max_model_len, cfg.cache.block_size)
+    async_scheduling = cfg.scheduler.async_scheduling
     return Engine(attn, executor, sched, cfg.max_model_len, tokenizer,
-                  eos_token_ids(cfg.model, mc, tokenizer), device=device, seed=cfg.seed)
+                  eos_token_ids(cfg.model, mc, tokenizer), device=device, seed=cfg.seed,
+                  async_scheduling=device.type == "cuda" if async_scheduling is None else async_scheduling)

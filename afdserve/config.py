@@ -149,6 +149,12 @@ class SchedulerConfig:
     # request starts decoding at once, so decode steps at large batch and context are timed
     # without paying for the prefill; outputs are meaningless
     benchmark_skip_prefill: bool = False
+    # vLLM's --async-scheduling: the next step is scheduled and launched before the host has the
+    # tokens of the one running (they stay on the GPU and feed it), so scheduling, input
+    # preparation and output handling overlap the GPU. None: on for a single-process GPU engine.
+    # Steps whose requests need the host's view of their tokens (logprobs, penalties, logit bias,
+    # seeded sampling) run synchronously.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -299,6 +305,9 @@ def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: i
         raise ConfigError(f"the colocated layout gives each of its attn_groups (--data-parallel-size) "
                           f"{cfg.parallel.attn_groups} processes a share of the experts, but the model has only "
                           f"{cfg.model_config.num_experts}")
+    if cfg.parallel.multi_process and cfg.scheduler.async_scheduling:
+        raise ConfigError("async_scheduling is supported by the single-process engine only; the disaggregated "
+                          "and colocated layouts step synchronously (drop --async-scheduling)")
     if cfg.parallel.expert_groups > cfg.model_config.num_experts:
         raise ConfigError(f"expert_groups={cfg.parallel.expert_groups} exceeds the model's "
                           f"{cfg.model_config.num_experts} experts")

@@ -125,6 +125,9 @@ class Request:
     text_sent: int = 0  # characters of output_text a worker already reported to its frontend
     queued_at: float | None = None  # time.monotonic() when the scheduler got it
     queue_s: float | None = None  # seconds it waited before it was first scheduled
+    # async scheduling: tokens sampled on the GPU whose value the host does not know yet (0 or 1);
+    # they count in num_tokens, not in output_token_ids
+    num_pending: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -132,10 +135,11 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
 
     @property
     def all_token_ids(self) -> list[int]:
+        """The tokens the host knows (without pending ones)."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property

@@ -2,8 +2,9 @@
 captured once per batch-size bucket and replayed, so Python and kernel-launch overhead stop
 setting the step time. Prefill and mixed steps run eagerly.
 
-Inputs are copied into static buffers first; padding rows write no KV (slot -1) and attend to
-one cached token of block 0, and their outputs are dropped. The decode attention kernel is
+Inputs are copied into static buffers first; padding rows write no KV (slot -1), attend to
+one cached token of block 0, choose no expert (so they read no expert weights), and their
+outputs are dropped. All graphs share one memory pool (captured largest first). The decode attention kernel is
 captured for the longest context (``max_model_len``) and masks by each row's context length.
 Legend: B padded batch, M blocks per sequence, T tokens, D hidden."""
 
@@ -21,8 +22,9 @@ def buckets(max_batch: int) -> list[int]:
 
 
 class _Graph:
-    def __init__(self, executor: SerialExecutor, batch: int, max_blocks: int, max_ctx: int, device):
+    def __init__(self, executor: SerialExecutor, batch: int, max_blocks: int, max_ctx: int, device, pool=None):
         i32 = dict(dtype=torch.int32, device=device)
+        self.num_valid_1 = torch.full((1,), batch, **i32)
         self.token_ids_T = torch.zeros(batch, dtype=torch.int64, device=device)
         self.positions_T = torch.zeros(batch, dtype=torch.int64, device=device)
         self.slots_T = torch.full((batch,), -1, dtype=torch.int64, device=device)
@@ -32,12 +34,13 @@ class _Graph:
         meta.block_tables_BM, meta.ctx_lens_B = self.tables_BM, self.ctx_B
         meta.q_starts_B, meta.q_lens_B = torch.arange(batch, **i32), torch.ones(batch, **i32)
         meta.max_q_len, meta.max_ctx_len, meta.decode_only = 1, max_ctx, True
+        meta.num_valid_1 = self.num_valid_1
         inp = MicroBatchInput(self.token_ids_T, meta, torch.zeros(0, dtype=torch.int64, device=device))
         executor.forward(inp)  # compile and warm up outside the capture
         torch.cuda.synchronize()
         meta.rope = None  # recomputed inside the graph from the static positions
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.out_BD = executor.forward(inp)
 
     def run(self, inp: MicroBatchInput) -> torch.Tensor:
@@ -47,6 +50,7 @@ class _Graph:
         self.slots_T[:b].copy_(inp.meta.slot_mapping_T)
         self.tables_BM[:b, :m].copy_(inp.meta.block_tables_BM)
         self.ctx_B[:b].copy_(inp.meta.ctx_lens_B)
+        self.num_valid_1.fill_(b)
         self.graph.replay()
         self._reset_padding(b)
         return self.out_BD[:b]
@@ -65,7 +69,11 @@ class GraphedExecutor:
         self.executor, self.max_ctx = executor, max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         device = executor.attn.embed_VD.device
-        self.graphs = {b: _Graph(executor, b, self.max_blocks, max_model_len, device) for b in buckets(max_batch)}
+        self.graphs: dict[int, _Graph] = {}
+        pool = None
+        for b in sorted(buckets(max_batch), reverse=True):  # the largest sets the shared pool's size
+            self.graphs[b] = _Graph(executor, b, self.max_blocks, max_model_len, device, pool)
+            pool = self.graphs[b].graph.pool()
 
     def run(self, inputs: list[MicroBatchInput]) -> list[torch.Tensor]:
         if len(inputs) == 1 and inputs[0].meta.decode_only and 0 < inputs[0].num_tokens <= max(self.graphs):

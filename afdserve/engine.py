@@ -1,17 +1,25 @@
 """One attention replica's engine: ``schedule -> run -> update``.
 
 The engine owns the requests, the scheduler and the sampler; an executor runs the layers
-(in-process experts, or the ping-pong pipeline to remote expert groups)."""
+(in-process experts, or the ping-pong pipeline to remote expert groups).
+
+With async scheduling (vLLM's ``--async-scheduling``, SGLang's overlap scheduler) a step is
+launched before the host has read the tokens of the one before: those stay on the GPU, are
+counted as pending by the scheduler and fed to the new step's inputs there, and the host reads
+them (detokenizes, checks stops, reports) while the GPU runs. A request that turns out to have
+stopped was computed one step too far; that row is dropped."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from afdserve.core import InvalidRequest, Request, SamplingParams
 from afdserve.kv_cache import blocks_needed
 from afdserve.output import append_token
-from afdserve.runner import Executor, prepare, sample_logits
-from afdserve.sampler import sample
+from afdserve.runner import Executor, MicroBatchInput, prepare, sample_logits, to_device
+from afdserve.sampler import sample, sample_on_device, samples_on_device
 from afdserve.scheduler import Scheduler
 
 
@@ -35,9 +43,35 @@ def validate_request(ids: list[int], params: SamplingParams, vocab_size: int, ma
                              param="logit_bias")
 
 
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    requests: list[Request]  # the rows that sample, in order
+    tokens_dev: torch.Tensor  # int64 [S] on the device: the next step's inputs read them there
+    tokens_host: torch.Tensor  # the same, copied without waiting (pinned memory on CUDA)
+    copied: torch.cuda.Event | None
+
+    @classmethod
+    def launch(cls, requests: list[Request], tokens_dev: torch.Tensor) -> _InFlight:
+        if not tokens_dev.is_cuda:
+            return cls(requests, tokens_dev, tokens_dev, None)
+        host = torch.empty(tokens_dev.shape, dtype=tokens_dev.dtype, pin_memory=True)
+        host.copy_(tokens_dev, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(requests, tokens_dev, host, copied)
+
+    def tokens(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.tokens_host.tolist()
+
+
 class Engine:
     def __init__(self, attn, executor: Executor, scheduler: Scheduler, max_model_len: int,
-                 tokenizer, eos_ids: set[int], device: str | torch.device = "cpu", seed: int = 0):
+                 tokenizer, eos_ids: set[int], device: str | torch.device = "cpu", seed: int = 0,
+                 async_scheduling: bool = False):
         self.attn, self.executor, self.scheduler = attn, executor, scheduler
         self.max_model_len, self.tokenizer, self.eos_ids = max_model_len, tokenizer, eos_ids
         self.device = device
@@ -45,6 +79,9 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator().manual_seed(seed)
         self.num_steps = 0
+        self.async_scheduling = async_scheduling
+        self.device_generator = torch.Generator(device=device).manual_seed(seed)
+        self._inflight: _InFlight | None = None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float = 0.0) -> Request:
@@ -74,7 +111,7 @@ class Engine:
         return req
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def stats(self) -> dict:
         """Gauges for /metrics: running/waiting requests, KV usage, preemptions so far."""
@@ -83,10 +120,61 @@ class Engine:
                 "num_preemptions": s.num_preemptions}
 
     def step(self, always_run: bool = False) -> list[Request]:
-        """Run one step; returns the requests that got a token (finished ones included).
+        """Run one step; returns the requests that got a token (finished ones included). With
+        async scheduling those are the tokens of the step launched by the previous call.
 
         With ``always_run`` an empty plan still runs the executor with empty micro-batches:
         a disaggregated replica must take part in every global step."""
+        if always_run or not self.async_scheduling:
+            return self._step_sync(always_run)
+        if not all(samples_on_device(r) for r in (*self.scheduler.running, *self.scheduler.waiting)):
+            # a request needs the host's view of its tokens: read the pending ones, then step synchronously
+            return self._read_inflight() if self._inflight is not None else self._step_sync(False)
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return self._read_inflight()
+        inputs = [prepare(mb, self.scheduler.block_size, self.device) for mb in plan.micro_batches]
+        self._fill_pending(inputs)
+        for c in plan.chunks:
+            c.request.num_computed += c.num_new
+        logits_SV = sample_logits(self.attn, inputs, self.executor.run(inputs))
+        sampling = [c.request for c in plan.chunks if c.samples]
+        launched = _InFlight.launch(sampling, sample_on_device(logits_SV, sampling, self.device_generator))
+        for req in sampling:
+            req.num_pending += 1
+        self.num_steps += 1
+        done = self._read_inflight()  # the GPU runs the new step meanwhile
+        self._inflight = launched
+        return done
+
+    def _fill_pending(self, inputs: list[MicroBatchInput]) -> None:
+        """Input rows whose token the running step samples read it on the device."""
+        for inp in inputs:
+            if not inp.pending_rows:
+                continue
+            index = {id(r): i for i, r in enumerate(self._inflight.requests)}
+            rows = to_device([row for row, _ in inp.pending_rows], torch.int64, self.device)
+            src = to_device([index[id(req)] for _, req in inp.pending_rows], torch.int64, self.device)
+            inp.token_ids_T.index_copy_(0, rows, self._inflight.tokens_dev.index_select(0, src))
+
+    def _read_inflight(self) -> list[Request]:
+        """The host reads the running step's tokens: append, detokenize, stop checks."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        got = []
+        for req, token in zip(inflight.requests, inflight.tokens()):
+            req.num_pending -= 1
+            if req.finished:  # aborted, or stopped a step earlier than the scheduler could know
+                continue
+            reason = append_token(req, token, None, self.tokenizer, self.eos_ids, self.max_model_len)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                self.requests.pop(req.request_id, None)
+            got.append(req)
+        return got
+
+    def _step_sync(self, always_run: bool) -> list[Request]:
         plan = self.scheduler.schedule()
         if not plan.chunks and not always_run:
             return []

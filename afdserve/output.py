@@ -18,7 +18,7 @@ def append_token(req: Request, token: int, logprobs: dict[int, float] | None, to
             reason, req.stop_reason = "stop", token
         elif not p.ignore_eos and token in eos_ids:
             reason = "stop"
-    at_length = n >= req.max_total_tokens - req.num_prompt_tokens or req.num_tokens >= max_model_len
+    at_length = req.num_prompt_tokens + n >= min(req.max_total_tokens, max_model_len)  # pending tokens not counted
     if tokenizer is not None:
         reason = _update_text(req, tokenizer, final=reason is not None or at_length) or reason
     if reason is None and at_length:

@@ -7,12 +7,12 @@ against. Legend: T tokens, D hidden, V vocab, S rows that sample."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from afdserve.core import ScheduledChunk
+from afdserve.core import Request, ScheduledChunk
 from afdserve.layers.attention import AttnMeta, add_device_fields
 from afdserve.models.moe_model import AttentionModel, ExpertModel, combine
 
@@ -24,6 +24,8 @@ class MicroBatchInput:
     token_ids_T: torch.Tensor
     meta: AttnMeta
     sample_rows_S: torch.Tensor  # rows (last token of a chunk) whose logits are sampled
+    # async scheduling: (row, request) whose input token is still on the GPU (id 0 until filled in)
+    pending_rows: list[tuple[int, Request]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -36,24 +38,38 @@ class Executor(Protocol):
         ...
 
 
+def to_device(values: list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list as a device tensor without waiting for the GPU: on CUDA through pinned
+    memory and an asynchronous copy (a plain ``torch.tensor(..., device=cuda)`` synchronises)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def prepare(chunks: list[ScheduledChunk], block_size: int, device: torch.device | str) -> MicroBatchInput:
-    """Token ids, positions, KV slots and block tables of one micro-batch."""
-    ids, pos, slots, sample_rows = [], [], [], []
+    """Token ids, positions, KV slots and block tables of one micro-batch (one host-to-device copy)."""
+    ids, pos, slots, sample_rows, pending = [], [], [], [], []
     for c in chunks:
         req = c.request
         positions = range(c.start, c.start + c.num_new)
-        ids += req.all_token_ids[c.start:c.start + c.num_new]
+        known = req.all_token_ids[c.start:c.start + c.num_new]
+        if len(known) < c.num_new:  # the last one is a pending token (async scheduling)
+            pending.append((len(ids) + len(known), req))
+            known.append(0)
+        ids += known
         pos += positions
         slots += [req.block_ids[p // block_size] * block_size + p % block_size for p in positions]
         if c.samples:
             sample_rows.append(len(ids) - 1)
-    as_t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    meta = AttnMeta(positions_T=as_t(pos), slot_mapping_T=as_t(slots),
+    t, s = len(ids), len(sample_rows)
+    packed = to_device(ids + pos + slots + sample_rows, torch.int64, device)
+    meta = AttnMeta(positions_T=packed[t:2 * t], slot_mapping_T=packed[2 * t:3 * t],
                     q_lens=[c.num_new for c in chunks], ctx_lens=[c.start + c.num_new for c in chunks],
                     block_tables=[c.request.block_ids for c in chunks])
     if torch.device(device).type == "cuda":
         add_device_fields(meta, device)
-    return MicroBatchInput(as_t(ids), meta, as_t(sample_rows))
+    return MicroBatchInput(packed[:t], meta, packed[3 * t:3 * t + s], pending)
 
 
 class SerialExecutor:

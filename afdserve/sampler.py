@@ -28,6 +28,29 @@ def sample(logits_NV: torch.Tensor, requests: list[Request],
     return tokens, _logprobs(raw_NV, tokens, requests)
 
 
+def samples_on_device(req: Request) -> bool:
+    """Whether the request's next token can be sampled without the host (async scheduling): no
+    logprobs, penalties or logit bias, and no per-request seed (greedy rows need none)."""
+    p = req.params
+    return p.logprobs is None and not p.adjusts_logits and (p.greedy or req.generator is None)
+
+
+def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator: torch.Generator) -> torch.Tensor:
+    """int64 [N] tokens left on the logits' device, no host synchronisation: greedy rows take
+    the argmax (ties: lowest id), the others sample from ``_probs`` by the exponential race
+    (argmax of p / Exp(1) noise picks token i with probability p_i)."""
+    from afdserve.runner import to_device
+
+    logits_NV = logits_NV.float()
+    tokens_N = torch.argmax(logits_NV, dim=-1)
+    rows = [i for i, req in enumerate(requests) if not req.params.greedy]
+    if rows:
+        probs_RV = torch.stack([_probs(logits_NV[i], requests[i].params) for i in rows])
+        noise_RV = torch.empty_like(probs_RV).exponential_(generator=generator)
+        tokens_N.index_copy_(0, to_device(rows, torch.int64, logits_NV.device), (probs_RV / noise_RV).argmax(-1))
+    return tokens_N
+
+
 def adjust_logits(logits_V: torch.Tensor, req: Request) -> None:
     """In place, vLLM's order: repetition penalty (prompt and output tokens), then frequency
     and presence penalties (output tokens), then the logit bias."""

@@ -35,6 +35,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_pending and req.num_tokens >= req.max_total_tokens:
+                i += 1  # its pending token is its last: it finishes when the host sees it
+                continue
             n = min(req.num_tokens - req.num_computed, budget)
             if self._reserve(req, n, preempted):
                 chunks.append(ScheduledChunk(req, req.num_computed, n))

@@ -39,7 +39,10 @@ def _p99(xs: list[float]) -> float:
 
 
 def run_ours(model_dir: str, concurrencies: list[int], input_len: int, output_len: int,
-             device: str = "cuda", kv_cache_memory_gb: float | None = None) -> list[dict]:
+             device: str = "cuda", kv_cache_memory_gb: float | None = None,
+             modes: tuple[str, ...] = ("async",)) -> list[dict]:
+    """Each concurrency in each scheduling mode ("async": the next step launched before this
+    one's tokens are read; "sync"), side by side on one engine."""
     from afdserve import LLM, SamplingParams
 
     llm = LLM(model_dir, load_format="dummy", device=device, dtype="bfloat16", max_num_seqs=max(concurrencies),
@@ -52,7 +55,8 @@ def run_ours(model_dir: str, concurrencies: list[int], input_len: int, output_le
                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
-    for c in concurrencies:
+    for c, mode in [(c, m) for c in concurrencies for m in modes]:
+        engine.async_scheduling = mode == "async"
         stamps: dict[str, list[float]] = {}
         for i in range(c):
             engine.add_request(f"{c}-{i}", torch.randint(0, 151000, (input_len,), generator=gen).tolist(), params)
@@ -70,7 +74,8 @@ def run_ours(model_dir: str, concurrencies: list[int], input_len: int, output_le
             for req in updated:
                 stamps.setdefault(req.request_id, []).append(now)
         total_s = time.perf_counter() - t0
-        rows.append(_row("afdserve", c, input_len, output_len, stamps, total_s, decode_steps, max_running))
+        system = "afdserve" if mode == "async" else "afdserve (sync)"
+        rows.append(_row(system, c, input_len, output_len, stamps, total_s, decode_steps, max_running))
         print(json.dumps(rows[-1]), flush=True)
     llm.shutdown()
     del llm, engine
@@ -133,6 +138,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=48, help="fewer layers for a dry run")
     ap.add_argument("--kv-cache-memory-gb", type=float, default=None,
                     help="KV cache size (default: what --gpu-memory-utilization 0.9 leaves after the weights)")
+    ap.add_argument("--modes", default="async", help="scheduling modes to run side by side: async,sync")
     ap.add_argument("--commit", default=os.environ.get("AFDSERVE_COMMIT", ""))
     args = ap.parse_args()
     conc = [int(x) for x in args.concurrency.split(",") if x]  # empty: transformers only
@@ -141,7 +147,8 @@ def main() -> None:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(QWEN3_30B_A3B | {"num_hidden_layers": args.layers}, f)
         if conc:
-            ours = run_ours(d, conc, args.input_len, args.output_len, args.device, args.kv_cache_memory_gb)
+            ours = run_ours(d, conc, args.input_len, args.output_len, args.device, args.kv_cache_memory_gb,
+                            tuple(args.modes.split(",")))
     gc.collect()
     hf = []
     if args.device == "cuda" and args.hf_concurrency:

@@ -8,12 +8,14 @@ import torch.nn.functional as F
 
 
 def route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormalize: bool,
-          bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          bias_E: torch.Tensor | None = None, num_valid_1: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax router: returns (topk_ids_TK int64, topk_w_TK float32). ``bias_E`` is added
-    to the logits (the router-skew knob of tests and benchmarks)."""
+    to the logits (the router-skew knob of tests and benchmarks). Rows from ``num_valid_1``
+    (a one-element device tensor: CUDA-graph padding) on choose no expert (id -1, weight 0)."""
     if x_TD.is_cuda and bias_E is None:
         from afdserve.kernels.router import route_gpu  # Triton: imported only on GPU
-        return route_gpu(x_TD, gate_ED, top_k, renormalize)
+        return route_gpu(x_TD, gate_ED, top_k, renormalize, num_valid_1)
     logits_TE = F.linear(x_TD, gate_ED)
     if bias_E is not None:
         logits_TE = logits_TE + bias_E.to(logits_TE)
@@ -21,6 +23,10 @@ def route(x_TD: torch.Tensor, gate_ED: torch.Tensor, top_k: int, renormalize: bo
     topk_w_TK, topk_ids_TK = torch.topk(probs_TE, top_k, dim=-1)
     if renormalize:
         topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True)
+    if num_valid_1 is not None:
+        routed_T1 = (torch.arange(x_TD.shape[0], device=x_TD.device) < num_valid_1)[:, None]
+        topk_ids_TK = torch.where(routed_T1, topk_ids_TK, -1)
+        topk_w_TK = torch.where(routed_T1, topk_w_TK, 0.0)
     return topk_ids_TK, topk_w_TK
 
 

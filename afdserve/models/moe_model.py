@@ -106,7 +106,7 @@ class AttentionModel:
         attn_TD = self.all_reduce(self._attention(w, x_TD, meta, kv))
         x_TD, residual_TD = add_rms_norm(h_TD, attn_TD, w["post_norm_D"], cfg.rms_norm_eps)
         bias_E = None if self.router_bias_LE is None else self.router_bias_LE[layer]
-        topk_ids_TK, topk_w_TK = route(x_TD, w["gate_ED"], cfg.top_k, cfg.norm_topk_prob, bias_E)
+        topk_ids_TK, topk_w_TK = route(x_TD, w["gate_ED"], cfg.top_k, cfg.norm_topk_prob, bias_E, meta.num_valid_1)
         shared_TD = None
         if "shared_w13" in w:
             gate_T1 = torch.sigmoid(linear(x_TD, w["shared_expert_gate"]))

@@ -52,3 +52,27 @@ def test_route_dispatches_to_gpu(dev):
     _, ref_w_TK = _reference(torch.nn.functional.linear(x_TD, gate_ED), 4, True)
     torch.testing.assert_close(w_TK, ref_w_TK, rtol=1e-5, atol=1e-7)
     assert ids_TK.shape == (64, 4) and ids_TK.device.type == device
+
+
+@pytest.mark.parametrize("tokens,valid", [(16, 10), (16, 0), (8, 8), (70, 65)])
+def test_padding_rows_choose_no_expert(dev, tokens, valid):
+    """Rows past the device-side count (CUDA-graph padding) get id -1 and weight 0, kernel and
+    plain path alike; the valid rows and the counts are those of the valid rows alone."""
+    from afdserve.kernels.router import fused_topk
+    from afdserve.layers.moe import route
+    device, dtype = dev
+    gen = torch.Generator().manual_seed(tokens + valid)
+    logits_TE = (torch.randn(tokens, 128, generator=gen) * 2).to(dtype).to(device)
+    num_valid_1 = torch.tensor([valid], dtype=torch.int32, device=device)
+    poison(device)
+    ids_TK, w_TK, counts_E = fused_topk(logits_TE, 8, True, num_valid_1=num_valid_1)
+    full_ids, full_w, _ = fused_topk(logits_TE, 8, True)
+    assert (ids_TK[valid:] == -1).all() and (w_TK[valid:] == 0).all()
+    assert torch.equal(ids_TK[:valid], full_ids[:valid]) and torch.equal(w_TK[:valid], full_w[:valid])
+    assert torch.equal(counts_E.cpu().long(), torch.bincount(full_ids[:valid].flatten().cpu(), minlength=128))
+    x_TD = torch.randn(tokens, 64, generator=gen)
+    gate_ED = torch.randn(128, 64, generator=gen) / 8
+    ids, w = route(x_TD, gate_ED, 8, True, num_valid_1=num_valid_1.cpu())  # the plain path
+    ref_ids, ref_w = route(x_TD, gate_ED, 8, True)
+    assert (ids[valid:] == -1).all() and (w[valid:] == 0).all()
+    assert torch.equal(ids[:valid], ref_ids[:valid]) and torch.equal(w[:valid], ref_w[:valid])

@@ -1,0 +1,154 @@
+"""Async scheduling (the next step launched before the host reads this one's tokens) gives the
+synchronous engine's outputs: tokens, text, finish reasons, under chunked prefill, preemption,
+stops, aborts, requests arriving mid-run and requests that force a synchronous step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afdserve import LLM, SamplingParams
+from afdserve.core import Request
+from afdserve.sampler import _probs, sample_on_device, samples_on_device
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models) -> str:
+    return tiny_models["qwen3_moe"]
+
+
+def _prompts(n: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(3, 300, (k,), generator=gen).tolist() for k in [1, 4, 9, 16, 17, 23, 35, 50][:n]]
+
+
+def _summary(outs) -> list[tuple]:
+    return [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for o in outs for c in o.outputs]
+
+
+def _both(model: str, prompts, params, **options) -> tuple[list, list, LLM]:
+    with LLM(model, async_scheduling=False, **options) as llm:
+        ref = llm.generate(prompts, params)
+    llm = LLM(model, async_scheduling=True, **options)
+    assert llm.engine.async_scheduling
+    return _summary(ref), _summary(llm.generate(prompts, params)), llm
+
+
+def test_greedy_with_chunked_prefill_and_preemption(model):
+    # a budget below the longest prompt chunks the prefill; 12 blocks of 16 tokens cannot hold
+    # eight sequences of up to 74 tokens, so running requests (some with a token pending) are preempted
+    ref, got, llm = _both(model, _prompts(8), GREEDY, max_num_batched_tokens=20, num_kv_blocks=12)
+    with llm:
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.scheduler.blocks.num_free == llm.engine.scheduler.blocks.num_blocks
+        assert not llm.engine.has_unfinished()
+    assert got == ref
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+    SamplingParams(temperature=0, max_tokens=30, min_tokens=6),  # EOS only counts after 6 tokens
+    SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),  # up to the context limit
+], ids=["max_tokens", "min_tokens_eos", "context_limit"])
+def test_length_and_eos_finishes(model, params):
+    prompts = _prompts(5)
+    with LLM(model, async_scheduling=False, max_model_len=64) as llm:
+        free = llm.generate(prompts[:1], GREEDY)[0].outputs[0].token_ids
+    eos = {free[2], free[7]}  # tokens the model does produce: some requests stop early
+    got = {}
+    for flag in (False, True):
+        with LLM(model, async_scheduling=flag, max_model_len=64) as llm:
+            llm.engine.eos_ids = eos
+            got[flag] = _summary(llm.generate(prompts, params))
+            assert llm.engine.scheduler.blocks.num_free == llm.engine.scheduler.blocks.num_blocks
+    assert got[True] == got[False]
+    ref = got[False]
+    if params.max_tokens is None:
+        assert {r[2] for r in ref} <= {"length", "stop"} and any(len(r[0]) + 1 > 30 for r in ref)
+
+
+def test_stop_strings_and_stop_token_ids(model):
+    with LLM(model, async_scheduling=False) as llm:
+        free = llm.generate("Hello world", GREEDY)[0].outputs[0]
+    text = free.text
+    stop = next(text[i:i + 2] for i in range(2, len(text) - 2)
+                if text[i:i + 2].strip() and "\ufffd" not in text[i:i + 2])
+    prompts = ["Hello world", "Once upon a time", "a b c"]
+    for params in (SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]),
+                   SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[free.token_ids[4]])):
+        ref, got, llm = _both(model, prompts, params)
+        llm.shutdown()
+        assert got == ref and ref[0][2] == "stop"
+
+
+def test_requests_that_need_the_host_step_synchronously(model):
+    """logprobs, penalties and seeds in the same batch as plain requests: every output as without async."""
+    prompts = _prompts(6)
+    # the host-bound ones end first, so the rest of the run steps asynchronously
+    params = [GREEDY, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2), GREEDY,
+              SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True, seed=5),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, seed=9)]
+    seeded = [Request(str(i), [1], p, generator=None if p.seed is None else torch.Generator().manual_seed(p.seed))
+              for i, p in enumerate(params)]
+    assert [samples_on_device(r) for r in seeded] == [True, False, True, False, False, True]
+    ref, got, llm = _both(model, prompts, params)
+    llm.shutdown()
+    assert got == ref
+
+
+def test_abort_and_arrivals_while_a_step_is_in_flight(model):
+    prompts = _prompts(5)
+    with_lp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)  # needs a synchronous step
+    with LLM(model, async_scheduling=False) as llm:
+        alone = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
+        alone_lp = llm.generate([prompts[4]], with_lp)[0].outputs[0]
+    with LLM(model, async_scheduling=True) as llm:
+        eng = llm.engine
+        eng.add_request("a", prompts[0], GREEDY)
+        eng.add_request("b", prompts[1], GREEDY)
+        for _ in range(4):
+            eng.step()
+        assert eng._inflight is not None and eng.requests["b"].num_pending == 1
+        eng.abort_request("b")  # its token is still on the GPU
+        eng.add_request("c", prompts[2], GREEDY)  # arrives mid-run
+        eng.step()
+        eng.add_request("d", prompts[3], GREEDY)
+        eng.step()
+        eng.add_request("e", prompts[4], with_lp)
+        reqs = {rid: eng.requests[rid] for rid in ("a", "c", "d", "e")}
+        eng.step()
+        assert eng._inflight is None  # the pending tokens were read before the synchronous steps
+        while eng.has_unfinished():
+            eng.step()
+        assert [reqs[r].output_token_ids for r in ("a", "c", "d")] == [alone[0], alone[2], alone[3]]
+        assert reqs["e"].output_token_ids == alone_lp.token_ids
+        got_lp = [v for d in reqs["e"].output_logprobs for v in d.values()]
+        assert got_lp == pytest.approx([v for d in alone_lp.logprobs for v in d.values()], abs=1e-4)
+        assert eng.scheduler.blocks.num_free == eng.scheduler.blocks.num_blocks
+
+
+def test_device_sampler_draws_from_the_filtered_distribution():
+    """The exponential race picks each token with the probability ``_probs`` gives it
+    (temperature, top-k, top-p, min-p), greedy rows take the argmax."""
+    gen = torch.Generator().manual_seed(0)
+    logits_V = torch.randn(12, generator=gen) * 2
+    cases = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=4),
+             SamplingParams(temperature=1.3, top_p=0.8), SamplingParams(temperature=1.0, min_p=0.1)]
+    draws = 20000
+    for p in cases:
+        reqs = [Request("r", [1], p)] * draws + [Request("g", [1], SamplingParams(temperature=0))]
+        tokens = sample_on_device(logits_V.expand(draws + 1, -1), reqs, torch.Generator().manual_seed(1))
+        assert tokens[-1] == logits_V.argmax()
+        freq = torch.bincount(tokens[:-1], minlength=12).float() / draws
+        probs = _probs(logits_V.float(), p)
+        assert (freq[probs == 0] == 0).all(), p
+        assert (freq - probs).abs().max() < 0.015, (p, freq, probs)
+
+
+def test_layouts_reject_async_scheduling(model):
+    from afdserve.config import ConfigError, make_config
+    with pytest.raises(ConfigError, match="async_scheduling"):
+        make_config(model, attn_groups=1, expert_groups=2, layout="afd", async_scheduling=True)
