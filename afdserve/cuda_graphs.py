@@ -42,6 +42,8 @@ class _Graph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.out_BD = executor.forward(inp)
+        self.num_valid_1.fill_(0)  # all rows padding: no KV written, no expert chosen
+        self.graph.replay()  # the first launch uploads the graph: at start-up, not in a user's first step
 
     def run(self, inp: MicroBatchInput) -> torch.Tensor:
         b, m = inp.num_tokens, inp.meta.block_tables_BM.shape[1]
