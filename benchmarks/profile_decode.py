@@ -43,9 +43,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(QWEN3_30B_A3B | {"num_hidden_layers": args.layers}, f)
+        max_len = args.input_len + 4 * args.steps + 32  # every decode step below fits: none finishes early
         llm = LLM(d, load_format="dummy", device="cuda", dtype="bfloat16", max_num_seqs=max(concs),
-                  max_num_batched_tokens=8192, max_model_len=args.input_len + 64,
-                  kv_cache_memory_gb=max(4, max(concs) * (args.input_len + 64) * args.layers * 2048 / 2**30 * 1.1),
+                  max_num_batched_tokens=8192, max_model_len=max_len,
+                  kv_cache_memory_gb=max(4, max(concs) * max_len * args.layers * 2048 / 2**30 * 1.1),
                   enforce_eager=args.enforce_eager)
     engine = llm.engine
     results = {"layers": args.layers, "input_len": args.input_len, "commit": os.environ.get("AFDSERVE_COMMIT"),
@@ -60,6 +61,7 @@ def main() -> None:
         for _ in range(3):
             engine.step()
         row = {"concurrency": c, **decode_phases(engine, args.steps), **profile_steps(engine, steps=5)}
+        assert len(engine.scheduler.running) == c, "requests finished during the timed steps"
         results["decode"].append(row)
         print(json.dumps(row))
         for rid in list(engine.requests):
@@ -134,9 +136,7 @@ def decode_phases(engine, steps: int) -> dict:
 
 
 def profile_steps(engine, steps: int) -> dict:
-    """Kernel time by kind and the GPU's busy fraction of synchronous steps. On the H200 (torch
-    2.11) the profiler recorded no GPU activity at all once the engine had run async steps with
-    CUDA graphs; why is not understood. The CUDA-event span of ``decode_phases`` does not depend on it."""
+    """Kernel time by kind and the GPU's busy fraction of synchronous steps."""
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     engine._read_inflight()
     engine.async_scheduling = False
