@@ -17,14 +17,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from afdserve.kernels.moe_gemm import dot_precision
 from afdserve.layers.attention import AttnMeta, add_device_fields
-
-FRESH_PREFILL_MIN = 128  # shortest prompt worth a per-sequence SDPA call (shorter: the varlen kernel)
 
 _LOG2E = 1.4426950408889634
 
@@ -198,39 +195,15 @@ def prefill_attention(q_THHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-def fresh_prefill_attention(q_THHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
-                            scale: float) -> torch.Tensor:
-    """Prompts with no earlier context (each sequence's context is exactly its new tokens):
-    causal attention per sequence by torch's fused SDPA (FlashAttention or cuDNN on Hopper), on
-    the keys and values just written to the cache (rows ``slot_mapping_T``), kv heads repeated."""
-    h, g = q_THHd.shape[1], k_cache.shape[2]
-    k_rows, v_rows = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # [NB * BS, G, Hd], views
-    out = torch.empty_like(q_THHd)
-    start = 0
-    for q_len in meta.q_lens:
-        slots = meta.slot_mapping_T[start:start + q_len]
-        # [1, H, Q, Hd]: the fused backends take 4-D inputs only (3-D falls back to the unfused math path)
-        k_1HQHd, v_1HQHd = (rows.index_select(0, slots).repeat_interleave(h // g, dim=1).transpose(0, 1)[None]
-                            for rows in (k_rows, v_rows))
-        q_1HQHd = q_THHd[start:start + q_len].transpose(0, 1)[None]
-        o_1HQHd = F.scaled_dot_product_attention(q_1HQHd, k_1HQHd, v_1HQHd, is_causal=True, scale=scale)
-        out[start:start + q_len] = o_1HQHd[0].transpose(0, 1)
-        start += q_len
-    return out
-
-
 def paged_attention_gpu(q_THHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
                         scale: float) -> torch.Tensor:
     """``layers.attention.paged_attention`` on the GPU: the decode kernel when every
-    sequence has one new token, SDPA when every sequence is a whole fresh prompt of at least
-    ``FRESH_PREFILL_MIN`` tokens, else the varlen prefill kernel."""
+    sequence has one new token, else the varlen prefill kernel."""
     if meta.block_tables_BM is None:
         add_device_fields(meta, q_THHd.device)
     if meta.decode_only:
         return decode_attention(q_THHd, k_cache, v_cache, meta.block_tables_BM, meta.ctx_lens_B, scale,
                                 meta.max_ctx_len)
-    if meta.q_lens == meta.ctx_lens and min(meta.q_lens) >= FRESH_PREFILL_MIN and q_THHd.dtype != torch.float32:
-        return fresh_prefill_attention(q_THHd, k_cache, v_cache, meta, scale)
     return prefill_attention(q_THHd, k_cache, v_cache, meta, scale)
 
 

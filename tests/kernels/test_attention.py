@@ -101,27 +101,3 @@ def test_float32_runs_in_full_precision(dev):
         from afdserve.kernels.attention import paged_attention_gpu
         out = paged_attention_gpu(q, caches[0], caches[1], meta, 0.125)
         assert rel_err(out, _reference(q, caches, meta, 0.125)) < 1e-5
-
-
-@pytest.mark.parametrize("heads,kv_heads,hd", [(32, 4, 128), (32, 8, 128), (16, 16, 64)])
-def test_fresh_prompts_take_sdpa_and_match_plain(dev, heads, kv_heads, hd, monkeypatch):
-    """Whole fresh prompts read their keys and values back from the rows just written (the slot
-    mapping) and run causal SDPA; same result as the plain path and as the varlen kernel."""
-    from afdserve.kernels import attention as gpu
-    device, dtype = dev
-    if device != "cuda":
-        pytest.skip("SDPA's fused kernels: CUDA only")
-    q_lens = [gpu.FRESH_PREFILL_MIN, 300, 2048]
-    q, caches, meta = _batch(q_lens, q_lens, heads, kv_heads, hd, 0, device, dtype)
-    meta.slot_mapping_T = torch.tensor([t[p // BS] * BS + p % BS for t, n in zip(meta.block_tables, q_lens)
-                                        for p in range(n)], device=device)
-    add_device_fields(meta, device)
-    varlen = gpu.prefill_attention(q, caches[0], caches[1], meta, hd ** -0.5)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    with monkeypatch.context() as m, sdpa_kernel(fused):  # the unfused math backend would raise here
-        m.setattr(gpu, "prefill_attention", lambda *a: pytest.fail("fresh prompts took the varlen kernel"))
-        poison(device)
-        fresh = gpu.paged_attention_gpu(q, caches[0], caches[1], meta, hd ** -0.5)
-    assert rel_err(fresh, _reference(q, caches, meta, hd ** -0.5)) < REL_TOL
-    assert rel_err(fresh, varlen.float()) < REL_TOL
