@@ -71,12 +71,11 @@ def avg_context(input_len: int, output_len: int) -> float:
 def make_request(profile: Profile, avg_seq_len: float, slo_s: float, max_m: int = 4, sample_s: float = 0.0,
                  profile_link: bool = True) -> PlanRequest:
     """Both roles on the profile's GPU at tp 1, one expert group, coefficients from the profile."""
-    gpu = get_gpu(profile.gpu)
-    if profile_link and profile.link_gb_per_s:
-        gpu = replace(gpu, net_gb_per_s=profile.link_gb_per_s)
+    gpu, coeffs = get_gpu(profile.gpu), CoeffSource((profile,))
+    if profile_link and coeffs.link_gb_per_s(gpu):  # as `afdserve plan --profile` does
+        gpu = replace(gpu, net_gb_per_s=coeffs.link_gb_per_s(gpu))
     space = SearchSpace(tp_values=(1,), max_micro_batches=max_m, expert_groups=(1,), top=1)
-    return PlanRequest(load_shape(MODEL), (gpu,), (gpu,), slo_s, avg_seq_len, CoeffSource((profile,)), space,
-                       sample_s)
+    return PlanRequest(load_shape(MODEL), (gpu,), (gpu,), slo_s, avg_seq_len, coeffs, space, sample_s)
 
 
 def afd_sides(req: PlanRequest) -> tuple[AttnSide, Hardware]:

@@ -56,7 +56,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-gpu", default=None, help="GPU type(s) for experts, comma-separated, or 'any'")
     p.add_argument("--slo-ms", type=float, default=150.0, help="time-between-tokens SLO")
     p.add_argument("--avg-seq-len", type=float, default=730.0, help="average context length (tokens)")
-    p.add_argument("--net-gb-per-s", type=float, default=None, help="per-GPU network bandwidth, both roles")
+    p.add_argument("--net-gb-per-s", type=float, default=None,
+                   help="per-GPU link bandwidth, both roles (default: what a --profile measured on that GPU "
+                        "type, else the catalog's)")
     p.add_argument("--attn-net-gb-per-s", type=float, default=None)
     p.add_argument("--expert-net-gb-per-s", type=float, default=None)
     p.add_argument("--gpu-file", default=None, help="JSON/TOML file adding GPUs or overriding prices")
@@ -85,10 +87,12 @@ def expert_load_from_args(args: argparse.Namespace, shape: MoEShape) -> np.ndarr
     return zipf_expert_load(shape.num_experts, shape.top_k, args.skew) if args.skew else None
 
 
-def _gpus(spec: str, catalog: dict[str, GPU], net: float | None) -> tuple[GPU, ...]:
+def _gpus(spec: str, catalog: dict[str, GPU], net: float | None, coeffs: CoeffSource) -> tuple[GPU, ...]:
+    """The GPUs of a role; their link rate: ``net`` if given, else the one a profile measured on
+    that GPU type, else the catalog's."""
     names = list(catalog) if spec.strip().lower() == "any" else [s.strip() for s in spec.split(",") if s.strip()]
     gpus = tuple(get_gpu(n, catalog) for n in names)
-    return tuple(replace(g, net_gb_per_s=net) for g in gpus) if net else gpus
+    return tuple(replace(g, net_gb_per_s=net or coeffs.link_gb_per_s(g) or g.net_gb_per_s) for g in gpus)
 
 
 def request_from_args(args: argparse.Namespace, top: int = 10) -> PlanRequest:
@@ -104,8 +108,8 @@ def request_from_args(args: argparse.Namespace, top: int = 10) -> PlanRequest:
     space = SearchSpace(tp_values=tuple(int(x) for x in args.tp.split(",")),
                         max_micro_batches=args.max_micro_batches, expert_groups=groups,
                         usable_mem_frac=args.mem_frac, top=top)
-    return PlanRequest(shape, _gpus(args.attn_gpu, catalog, args.attn_net_gb_per_s or args.net_gb_per_s),
-                       _gpus(args.expert_gpu, catalog, args.expert_net_gb_per_s or args.net_gb_per_s),
+    return PlanRequest(shape, _gpus(args.attn_gpu, catalog, args.attn_net_gb_per_s or args.net_gb_per_s, coeffs),
+                       _gpus(args.expert_gpu, catalog, args.expert_net_gb_per_s or args.net_gb_per_s, coeffs),
                        args.slo_ms / 1e3, args.avg_seq_len, coeffs, space, args.sample_ms / 1e3,
                        expert_load_from_args(args, shape), args.num_redundant_experts)
 

@@ -114,6 +114,14 @@ class CoeffSource:
         r = tp0 / tp
         return ExpertCoeffs(c.k3_s_per_token * r, c.k4_s_per_expert * r, c.overhead_s, f"profile tp={tp0} scaled")
 
+    def link_gb_per_s(self, gpu: GPU) -> float | None:
+        """The transport's measured rate on this GPU type (the profile's utilisation curve is
+        relative to it), or None when no profile of that GPU measured one."""
+        for p in self.profiles:
+            if p.link_gb_per_s and p.gpu.lower() == gpu.name.lower():
+                return p.link_gb_per_s
+        return None
+
     def util_curve(self) -> UtilCurve:
         for p in self.profiles:
             if p.util_curve:

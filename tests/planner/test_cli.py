@@ -80,3 +80,24 @@ def test_guess_gpu(name, expected):
     from afdserve.planner.measure_cli import guess_gpu
 
     assert guess_gpu(name) == expected
+
+
+def test_link_rate_comes_from_the_profile_of_that_gpu_unless_given(tmp_path):
+    """T_c uses the transport rate a profile measured on that GPU type (its utilisation curve is
+    relative to it); --net-gb-per-s overrides it; other GPU types keep the catalog's."""
+    import os
+
+    from afdserve.planner.hardware import get_gpu
+
+    PROFILE = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "profile_2xH200.json")
+    link = load_profile(PROFILE).link_gb_per_s
+    assert link and link != get_gpu("H200").net_gb_per_s
+    base = ["plan", "--model", "Mixtral-8x7B", "--expert-gpu", "H200", "--profile", PROFILE, "--slo-ms", "150",
+            "--avg-seq-len", "650", "--tp", "1", "--top", "1"]
+    cases = [(["--attn-gpu", "H200"], [link], [link]), (["--attn-gpu", "H100"], [get_gpu("H100").net_gb_per_s], [link]),
+             (["--attn-gpu", "H200", "--net-gb-per-s", "12"], [12.0], [12.0])]
+    for i, (extra, attn, expert) in enumerate(cases):
+        out = tmp_path / f"plan{i}.json"
+        assert _run(base + extra + ["--out", str(out)]) == 0
+        net = json.loads(out.read_text())["inputs"]["net_gb_per_s"]
+        assert net == {"attn": pytest.approx(attn), "expert": pytest.approx(expert)}
