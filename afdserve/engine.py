@@ -59,7 +59,7 @@ class _InFlight:
         host = torch.empty(tokens_dev.shape, dtype=tokens_dev.dtype, pin_memory=True)
         host.copy_(tokens_dev, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(tokens_dev.device))
         return cls(requests, tokens_dev, host, copied)
 
     def tokens(self) -> list[int]:

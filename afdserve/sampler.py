@@ -24,6 +24,8 @@ def sample(logits_NV: torch.Tensor, requests: list[Request],
         if not req.params.greedy:
             probs_V = _probs(logits_NV[i], req.params)
             gen = req.generator or default_generator
+            if gen is not None and gen.device != probs_V.device:  # seeds live in CPU generators
+                probs_V = probs_V.cpu()
             tokens[i] = int(torch.multinomial(probs_V, 1, generator=gen).item())
     return tokens, _logprobs(raw_NV, tokens, requests)
 

@@ -80,3 +80,23 @@ def test_kv_cache_fills_gpu_memory_utilization(tiny_models):
         assert blocks * per_block <= gpu_kv_budget_bytes(total, free, util) + per_block
         assert blocks * per_block >= 0.5 * gpu_kv_budget_bytes(total, free, util)  # weights of a tiny model are small
         assert torch.cuda.memory_reserved() <= util * total
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_sampling_params_on_gpu(tiny_models, async_scheduling):
+    """Every sampling option runs on the GPU engine, synchronously and with async scheduling
+    (where a seeded, logprobs or penalised request makes steps synchronous; seeds live in CPU
+    generators): seeded sampling is reproducible, the others finish with their tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    prompts = [[5, 6, 7], [9, 10, 11, 12], [3] * 20, [40, 41]]
+    params = [SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.01, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, repetition_penalty=1.2),
+              SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True, presence_penalty=0.5)]
+    with LLM(tiny_models["qwen3_moe"], device="cuda", dtype="float32", async_scheduling=async_scheduling) as llm:
+        first = [o.outputs[0] for o in llm.generate(prompts, params)]
+        again = llm.generate([prompts[1]], params[1])[0].outputs[0]
+    assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in first)
+    assert again.token_ids == first[1].token_ids  # the seed decides the draws
+    assert len(first[2].logprobs) == 12
