@@ -47,10 +47,36 @@ def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator
     tokens_N = torch.argmax(logits_NV, dim=-1)
     rows = [i for i, req in enumerate(requests) if not req.params.greedy]
     if rows:
-        probs_RV = torch.stack([_probs(logits_NV[i], requests[i].params) for i in rows])
+        rows_R = to_device(rows, torch.int64, logits_NV.device)
+        probs_RV = probs_batch(logits_NV.index_select(0, rows_R), [requests[i].params for i in rows])
         noise_RV = torch.empty_like(probs_RV).exponential_(generator=generator)
-        tokens_N.index_copy_(0, to_device(rows, torch.int64, logits_NV.device), (probs_RV / noise_RV).argmax(-1))
+        tokens_N.index_copy_(0, rows_R, (probs_RV / noise_RV).argmax(-1))
     return tokens_N
+
+
+def probs_batch(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``_probs`` of every row at once (a fixed number of launches, whatever the batch): the
+    temperature, top-k (logits below the k-th largest dropped, ties kept), softmax, min-p, then
+    top-p (the smallest prefix of the sorted probabilities reaching top_p), renormalised."""
+    from afdserve.runner import to_device
+
+    r, v = logits_RV.shape
+    column = lambda xs, dtype: to_device(xs, dtype, logits_RV.device)[:, None]  # noqa: E731
+    x_RV = logits_RV / column([p.temperature for p in params], torch.float32)
+    top_k = [p.top_k if 0 < p.top_k < v else v for p in params]
+    if any(k < v for k in top_k):
+        kth_R1 = x_RV.sort(dim=-1, descending=True).values.gather(1, column([k - 1 for k in top_k], torch.int64))
+        x_RV = x_RV.masked_fill(x_RV < kth_R1, float("-inf"))
+    probs_RV = torch.softmax(x_RV, dim=-1)
+    if any(p.min_p > 0 for p in params):
+        floor_R1 = column([p.min_p for p in params], torch.float32) * probs_RV.max(dim=-1, keepdim=True).values
+        probs_RV = probs_RV.masked_fill(probs_RV < floor_R1, 0.0)
+    if any(p.top_p < 1.0 for p in params):
+        sorted_RV, idx_RV = probs_RV.sort(dim=-1, descending=True)
+        top_p_R1 = column([p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32)
+        drop_RV = sorted_RV.cumsum(dim=-1) - sorted_RV > top_p_R1
+        probs_RV = probs_RV.scatter(1, idx_RV, sorted_RV.masked_fill(drop_RV, 0.0))
+    return probs_RV / probs_RV.sum(dim=-1, keepdim=True)
 
 
 def adjust_logits(logits_V: torch.Tensor, req: Request) -> None:

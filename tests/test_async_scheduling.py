@@ -152,3 +152,20 @@ def test_layouts_reject_async_scheduling(model):
     from afdserve.config import ConfigError, make_config
     with pytest.raises(ConfigError, match="async_scheduling"):
         make_config(model, attn_groups=1, expert_groups=2, layout="afd", async_scheduling=True)
+
+
+def test_batched_probabilities_equal_the_per_row_ones():
+    """``probs_batch`` (the async sampler's, one set of launches per step) gives each row what
+    ``_probs`` gives it alone, rows with different options mixed, ties at the k-th logit kept."""
+    from afdserve.sampler import probs_batch
+    gen = torch.Generator().manual_seed(2)
+    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=4),
+              SamplingParams(temperature=1.3, top_p=0.8), SamplingParams(temperature=1.0, min_p=0.1),
+              SamplingParams(temperature=0.5, top_k=7, top_p=0.6, min_p=0.02),
+              SamplingParams(temperature=2.0, top_k=50), SamplingParams(temperature=1.0, top_k=3)]
+    logits_RV = torch.randn(len(params), 50, generator=gen) * 3
+    logits_RV[-1, :6] = 9.0  # six-way tie at the top: top_k=3 keeps all six, like _probs
+    got = probs_batch(logits_RV, params)
+    want = torch.stack([_probs(row, p) for row, p in zip(logits_RV, params)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert (got[-1, :6] > 0).all() and (got[-1, 6:] == 0).all()
