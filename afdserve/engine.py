@@ -11,6 +11,7 @@ stopped was computed one step too far; that row is dropped."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +128,7 @@ class Engine:
         a disaggregated replica must take part in every global step."""
         if always_run or not self.async_scheduling:
             return self._step_sync(always_run)
-        if not all(samples_on_device(r) for r in (*self.scheduler.running, *self.scheduler.waiting)):
+        if not all(samples_on_device(r) for r in self._may_run_next()):
             # a request needs the host's view of its tokens: read the pending ones, then step synchronously
             return self._read_inflight() if self._inflight is not None else self._step_sync(False)
         plan = self.scheduler.schedule()
@@ -146,6 +147,13 @@ class Engine:
         done = self._read_inflight()  # the GPU runs the new step meanwhile
         self._inflight = launched
         return done
+
+    def _may_run_next(self) -> list[Request]:
+        """The running requests and the waiting ones the next step could admit (the scheduler
+        admits from the head of the queue, up to max_num_seqs running)."""
+        s = self.scheduler
+        room = max(0, s.max_num_seqs - len(s.running))
+        return [*s.running, *itertools.islice(s.waiting, room)]
 
     def _fill_pending(self, inputs: list[MicroBatchInput]) -> None:
         """Input rows whose token the running step samples read it on the device."""

@@ -169,3 +169,29 @@ def test_batched_probabilities_equal_the_per_row_ones():
     want = torch.stack([_probs(row, p) for row, p in zip(logits_RV, params)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert (got[-1, :6] > 0).all() and (got[-1, 6:] == 0).all()
+
+
+def test_a_queued_host_bound_request_waits_without_stopping_async_steps(model):
+    """A logprobs request behind a full batch (max_num_seqs) leaves the running ones stepping
+    asynchronously until it can be admitted; every output as without async."""
+    prompts = _prompts(3)
+    params = [GREEDY, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)]
+    ref = {}
+    for flag in (False, True):
+        with LLM(model, async_scheduling=flag, max_num_seqs=2) as llm:
+            eng = llm.engine
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                eng.add_request(str(i), p, sp)
+            reqs = dict(eng.requests)
+            inflight_while_queued = 0
+            while eng.has_unfinished():
+                eng.step()
+                inflight_while_queued += eng._inflight is not None and reqs["2"] in eng.scheduler.waiting
+            if flag:
+                assert inflight_while_queued >= 3
+            out = [(r.output_token_ids, r.finish_reason) for r in reqs.values()]
+            lp = [v for d in reqs["2"].output_logprobs for v in d.values()]
+        if flag:
+            assert out == ref["out"] and lp == pytest.approx(ref["lp"], abs=1e-4)
+        ref = {"out": out, "lp": lp}
