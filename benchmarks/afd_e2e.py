@@ -215,41 +215,25 @@ def _dtype(device: str) -> str:
 
 
 def fit_profile(shape, device, max_pairs: int, batches: tuple[int, ...], seq_lens: tuple[int, ...]) -> dict:
-    """k1..k4 of the Mixtral shape on this GPU (``planner.measure``), the routing cost of the
-    transport's route() and the lm_head + argmax cost per step, each fitted linear in b."""
+    """k1..k4 of the Mixtral shape on this GPU (``planner.measure``), the cost of the row split by
+    expert group (``planner.measure.measure_route``) and the lm_head + argmax cost per step, each
+    fitted linear in b."""
     import numpy as np
 
-    from afdserve.expert.placement import contiguous_placement
-    from afdserve.planner.measure import fit_nonneg, measure_attn, measure_expert, median_time_s
-    from afdserve.transport.reference import route
+    from afdserve.planner.measure import fit_nonneg, measure_attn, measure_expert, measure_route, median_time_s
 
     dtype = getattr(torch, _dtype(device.type))
     attn, attn_samples = measure_attn(shape, 1, batches, seq_lens, device, dtype)
     pairs = tuple(sorted({64, 256, 1024, 2048, max_pairs}))
     expert, expert_samples = measure_expert(shape, 1, pairs, device, dtype, held_counts=(4, 8))
-    extra = {}
-    runners = {"route1": _route_runner(1), "route2": _route_runner(2), "sample": _sample_runner}
-    for name, make in runners.items():
-        samples = [(b, median_time_s(make(shape, b, device, dtype, route, contiguous_placement), device, iters=5))
-                   for b in batches]
-        x = np.array([[b, 1.0] for b, _ in samples])
-        extra[name] = [float(c) for c in fit_nonneg(x, np.array([t for _, t in samples]))]
-    return {"attn": attn, "expert": expert, "route": {1: extra["route1"], 2: extra["route2"]},
-            "sample": extra["sample"], "samples": {"attn": attn_samples, "expert": expert_samples}}
+    route, _ = measure_route(shape, (1, 2), batches, device, dtype, iters=5)
+    samples = [(b, median_time_s(_sample_runner(shape, b, device, dtype), device, iters=5)) for b in batches]
+    sample = [float(c) for c in fit_nonneg(np.array([[b, 1.0] for b, _ in samples]), np.array([t for _, t in samples]))]
+    return {"attn": attn, "expert": expert, "route": route, "sample": sample,
+            "samples": {"attn": attn_samples, "expert": expert_samples}}
 
 
-def _route_runner(groups: int):
-    """The attention side's split of a micro-batch's rows over ``groups`` expert groups."""
-    def make(shape, b, device, dtype, route, contiguous_placement):
-        x = torch.randn(b, shape.hidden, device=device, dtype=dtype)
-        ids = torch.randint(0, shape.num_experts, (b, shape.top_k), device=device)
-        w = torch.rand(b, shape.top_k, device=device)
-        placement = contiguous_placement(shape.num_experts, groups)
-        return lambda: route(x, ids, w, placement)
-    return make
-
-
-def _sample_runner(shape, b, device, dtype, route, contiguous_placement):
+def _sample_runner(shape, b, device, dtype):
     h = torch.randn(b, shape.hidden, device=device, dtype=dtype)
     w = torch.randn(shape.vocab, shape.hidden, device=device, dtype=dtype)
     return lambda: torch.argmax((h @ w.t()).float(), dim=-1).cpu()
@@ -265,7 +249,8 @@ def write_profile(path: str, prof: dict, comm: list[dict], device: str, model: s
     gpu = guess_gpu(device) or device
     save_profile(path, Profile(device, gpu, "bfloat16", {model: {1: prof["attn"]}}, {model: {1: prof["expert"]}},
                                tuple((b, u) for b, u in curve), best, "nccl" if "cpu" not in device else "gloo",
-                               {"source": "benchmarks/afd_e2e.py", "transport": "afdserve_p2p"}))
+                               {"source": "benchmarks/afd_e2e.py", "transport": "afdserve_p2p"},
+                               {model: prof["route"]}))
 
 
 def predict(row: dict, shape, prof: dict, comm: list[dict], ctx: float) -> dict:
@@ -274,13 +259,14 @@ def predict(row: dict, shape, prof: dict, comm: list[dict], ctx: float) -> dict:
 
     L, K, E = shape.num_layers, shape.top_k, shape.num_experts
     row_bytes = shape.hidden * shape.dtype_bytes + 8 * K
-    r0, r1 = prof["route"][min(2, row["n_e"])] if row["kind"] != "single" else (0.0, 0.0)
+    split_s = (lambda tokens: 0.0) if row["kind"] == "single" else (  # noqa: E731
+        lambda tokens: prof["route"].time_s(tokens, row["n_e"]))
     s0, s1 = prof["sample"]
     b, m = row["b"], row["m"]
     if row["kind"] == "afd":
         bm = b / m
         held = math.ceil(E / row["n_e"])
-        t_a = attn_time_s(bm, ctx, prof["attn"]) + r0 * bm + r1
+        t_a = attn_time_s(bm, ctx, prof["attn"]) + split_s(bm)
         t_e = expert_time_s(bm * row["n_a"] * K * held / E, held, prof["expert"])
         rows_out = bm * group_hit_prob(E, K, held)
         # the busier end: an attention GPU sends its rows, an expert GPU receives every group's
@@ -290,7 +276,7 @@ def predict(row: dict, shape, prof: dict, comm: list[dict], ctx: float) -> dict:
         step = step_time_s(t_a, t_e, t_c, m, L)
     elif row["kind"] == "colocated":
         held = E // row["n_e"]
-        t_a = attn_time_s(b, ctx, prof["attn"]) + r0 * b + r1
+        t_a = attn_time_s(b, ctx, prof["attn"]) + split_s(b)
         t_e = expert_time_s(b * K, held, prof["expert"])  # b*n*K*held/E with held = E/n
         t_c = comm_time_s(comm, "afdserve_a2a", b * group_hit_prob(E, K, held) * row_bytes)
         step = L * (t_a + t_e + 2 * t_c)
@@ -504,7 +490,8 @@ def main() -> None:
         "commit": commit, "command": "PYTHONPATH=. python3 benchmarks/afd_e2e.py " + " ".join(sys.argv[1:]),
         "model": "Mixtral-8x7B shape, random bf16 weights", "input_len": args.input_len,
         "output_len": args.output_len, "slo_ms": args.slo_ms, "prefill": "skipped (benchmark_skip_prefill)",
-        "profile": {"attn": vars(prof["attn"]), "expert": vars(prof["expert"]), "route_s": prof["route"],
+        "profile": {"attn": vars(prof["attn"]), "expert": vars(prof["expert"]),
+                    "route_s": {g: [tok, call] for g, tok, call in prof["route"].by_groups},
                     "sample_s": prof["sample"], "samples": prof["samples"]},
         "rows": rows, "best_under_slo": best_under_slo(ok, args.slo_ms),
     }

@@ -85,7 +85,8 @@ def afd_sides(req: PlanRequest) -> tuple[AttnSide, Hardware]:
     expert = next(expert_sides_for(req, rejections), None)
     if attn is None or expert is None:
         raise ValueError("; ".join(r.reason for r in rejections))
-    return attn, Hardware(attn.gpu, expert.gpu, attn.coeffs, expert.coeffs, req.coeffs.util_curve())
+    return attn, Hardware(attn.gpu, expert.gpu, attn.coeffs, expert.coeffs, req.coeffs.util_curve(),
+                          req.coeffs.route(req.shape, attn.gpu))
 
 
 def model_step_s(req: PlanRequest, lay: AfdLayout, hw: Hardware, b_a: float) -> float:

@@ -200,8 +200,8 @@ def _caveat(wls: list[dict]) -> list[str]:
     err = lambda key: " / ".join(f"{100 * g[key]:+.0f}%" for _, g in comps)  # noqa: E731
     ratio = lambda key: " / ".join(f"{g[key]:.2f}x" for _, g in comps)  # noqa: E731
     routes = [w["measured_route_s"]["2"][1] for w, _ in comps if (w.get("measured_route_s") or {}).get("2")]
-    route = (f" (it has no term for the runtime's routing to two groups, {1e3 * min(routes):.2f}–"
-             f"{1e3 * max(routes):.2f} ms per layer as measured)") if routes else ""
+    route = (f" (its row split to two groups is the profile's, fitted in the 571/159 run; the runs measured "
+             f"{1e3 * min(routes):.2f}–{1e3 * max(routes):.2f} ms per layer)") if routes else ""
     names = " / ".join(f"{w['input_len']}/{w['output_len']}" for w, _ in comps)
     return [f"It is a prediction from a 2-GPU profile: at G = 2 ({names}) the model is {err('afd_model_err')} off "
             f"the best measured AFD point but {err('colocated_model_err')} on colocated{route}, and the measured "

@@ -7,7 +7,8 @@
   sequences holding E/n experts; per layer two all-to-alls of the routed rows:
   T_step = L·(T_a(b) + T_e(pairs = n·b·K·⌈E/n⌉/E, experts = ⌈E/n⌉) + 2·T_c) (the busiest GPU's
   share of the routed rows; b·K when n divides E), T_c the rows one GPU sends
-  to the others (eq. 6 at the measured or assumed utilisation).
+  to the others (eq. 6 at the measured or assumed utilisation); T_a includes splitting the rows
+  by process where a profile measured that (``RouteCoeffs``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def colocated_ep_stages(req: PlanRequest, gpu: GPU, n: int, b: float) -> tuple[f
     rows_per_token = groups_per_token(shape.num_experts, shape.top_k, n) * (n - 1) / n  # to the other GPUs
     t_c = transfer_time_s(b * rows_per_token * shape.row_bytes, gpu.net_gb_per_s, req.coeffs.util_curve())
     pairs = b * n * shape.top_k * held / shape.num_experts  # the busiest GPU's share of all n·b·K
-    t_a = attn_time_s(b, req.avg_seq_len, req.coeffs.attn(shape, gpu, 1))
+    t_a = attn_time_s(b, req.avg_seq_len, req.coeffs.attn(shape, gpu, 1)) + req.coeffs.route(shape, gpu).time_s(b, n)
     return t_a, expert_time_s(pairs, held, req.coeffs.expert(shape, gpu, 1)), t_c
 
 

@@ -4,6 +4,7 @@ model's per-GPU shapes with random weights, then k1..k4 fitted by least squares.
 
 Attention (one layer, b decode tokens, context s each):  t = k1_tok·b + k1_ctx·b·s + k2
 Experts (one layer, T (token, expert) pairs over c experts held):  t = k3·T + k4·c + overhead
+Row split by expert group (``transport.route``, b tokens over g groups):  t = r_tok(g)·b + r(g)
 Legend: T tokens, D hidden, H heads, G kv heads, Hd head dim, E experts held, F 2I, I intermediate.
 """
 
@@ -21,7 +22,7 @@ from afdserve.layers.attention import AttnMeta, paged_attention, prepare_qkv
 from afdserve.layers.basic import add_rms_norm, linear, rms_norm, rope_cos_sin
 from afdserve.layers.moe import expert_ffn, route
 from afdserve.planner.models import MoEShape
-from afdserve.planner.perf_model import AttnCoeffs, ExpertCoeffs
+from afdserve.planner.perf_model import AttnCoeffs, ExpertCoeffs, RouteCoeffs
 
 BLOCK_SIZE = 16
 
@@ -131,3 +132,30 @@ def measure_expert(shape: MoEShape, tp: int, token_counts: tuple[int, ...], devi
     x = np.array([[p, c, 1.0] for p, c, _ in samples], dtype=float)
     k3, k4, overhead = fit_nonneg(x, np.array([t for *_, t in samples]))
     return ExpertCoeffs(float(k3), float(k4), float(overhead), source="profile"), samples
+
+
+def route_runner(shape: MoEShape, b: int, groups: int, device: torch.device,
+                 dtype: torch.dtype) -> Callable[[], object]:
+    """The attention side's split of a micro-batch's rows over ``groups`` expert groups (what
+    the disaggregated and colocated executors call per layer and micro-batch)."""
+    from afdserve.expert.placement import contiguous_placement
+    from afdserve.transport.reference import route as split_rows
+
+    x_TD = torch.randn(b, shape.hidden, device=device, dtype=dtype)
+    ids_TK = torch.randint(0, shape.num_experts, (b, shape.top_k), device=device)
+    w_TK = torch.rand(b, shape.top_k, device=device)
+    placement = contiguous_placement(shape.num_experts, groups)
+    return lambda: split_rows(x_TD, ids_TK, w_TK, placement)
+
+
+def measure_route(shape: MoEShape, groups: tuple[int, ...], batch_sizes: tuple[int, ...], device: torch.device,
+                  dtype: torch.dtype, iters: int = 3) -> tuple[RouteCoeffs, list]:
+    """Time the row split per number of groups over b and fit seconds per token and per call."""
+    fits, samples = [], []
+    for g in groups:
+        times = [(b, median_time_s(route_runner(shape, b, g, device, dtype), device, iters=iters))
+                 for b in batch_sizes]
+        samples += [(g, b, t) for b, t in times]
+        per_token, per_call = fit_nonneg(np.array([[b, 1.0] for b, _ in times]), np.array([t for _, t in times]))
+        fits.append((g, float(per_token), float(per_call)))
+    return RouteCoeffs(tuple(fits)), samples

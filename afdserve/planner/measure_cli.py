@@ -59,7 +59,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if gpu is None:
         raise ValueError(f"cannot tell which catalog GPU {dev_name!r} is: pass --gpu NAME")
     base = load_profile(args.out) if os.path.isfile(args.out) else Profile(dev_name, gpu, str(dtype).split(".")[-1])
-    attn, expert, samples = _measure_model(args, base, device, dtype, gpu)
+    attn, expert, route, samples = _measure_model(args, base, device, dtype, gpu)
     curve, link, backend = base.util_curve, base.link_gb_per_s, base.comm_backend
     if not args.no_comm:
         from afdserve.planner.measure_comm import measure_util_curve
@@ -70,14 +70,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
               ", ".join(f"{int(x) // 1024} KiB: {u:.2f}" for x, u in curve[::3]))
     meta = dict(base.meta) | {"torch": torch.__version__, "samples": samples,
                               "tp_allreduce": "added from the catalog's intra-node bandwidth (one device timed)"}
-    save_profile(args.out, Profile(dev_name, gpu, base.dtype, attn, expert, curve, link, backend, meta))
+    save_profile(args.out, Profile(dev_name, gpu, base.dtype, attn, expert, curve, link, backend, meta, route))
     print(f"wrote {os.path.abspath(args.out)}")
     return 0
 
 
-def _measure_model(args: argparse.Namespace, base: Profile, device, dtype, gpu: str) -> tuple[dict, dict, dict]:
-    """The profile's attention/expert tables with this model's tp sizes (re)measured."""
-    from afdserve.planner.measure import measure_attn, measure_expert
+def _measure_model(args: argparse.Namespace, base: Profile, device, dtype,
+                   gpu: str) -> tuple[dict, dict, dict, dict]:
+    """The profile's attention/expert tables with this model's tp sizes (re)measured, and the
+    model's row split by expert group."""
+    from afdserve.planner.measure import measure_attn, measure_expert, measure_route
 
     shape = load_shape(args.model)
     catalog_gpu = get_gpu(gpu, load_catalog(args.gpu_file)) if gpu != "cpu" else None
@@ -96,7 +98,12 @@ def _measure_model(args: argparse.Namespace, base: Profile, device, dtype, gpu: 
         print(f"{shape.name} tp={tp}: k1={a.k1_s_per_token:.3e} s/token + {a.k1_s_per_token_ctx:.3e} s/token/ctx, "
               f"k2={a.k2_s:.3e} s; k3={e.k3_s_per_token:.3e} s/pair, k4={e.k4_s_per_expert:.3e} s/expert, "
               f"overhead={e.overhead_s:.3e} s ({len(a_samples)} + {len(e_samples)} timings)")
-    return attn, expert, samples
+    route = dict(base.route)
+    route[shape.name], r_samples = measure_route(shape, (1, 2, 4), bs, device, dtype, args.iters)
+    samples[f"{shape.name} route"] = {"groups_b_seconds": r_samples}
+    print(f"{shape.name} row split: " + ", ".join(f"{g} groups {tok:.3e} s/token + {call:.3e} s"
+                                                  for g, tok, call in route[shape.name].by_groups))
+    return attn, expert, route, samples
 
 
 def _with_allreduce(a: AttnCoeffs, e: ExpertCoeffs, row_bytes: int, tp: int, gpu) -> tuple[AttnCoeffs, ExpertCoeffs]:

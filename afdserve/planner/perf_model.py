@@ -46,6 +46,21 @@ class ExpertCoeffs:
 
 
 @dataclass(frozen=True)
+class RouteCoeffs:
+    """The attention side's split of a micro-batch's rows by expert group (``transport.route``):
+    seconds per token and per call, measured for some numbers of groups (the nearest one is
+    used). Only a profile measures it (no roofline: it is launch-bound); empty = no cost."""
+
+    by_groups: tuple[tuple[int, float, float], ...] = ()  # (groups, s per token, s per call)
+
+    def time_s(self, tokens: float, groups: int) -> float:
+        if not self.by_groups:
+            return 0.0
+        _, per_token, per_call = min(self.by_groups, key=lambda g: (abs(g[0] - groups), -g[0]))
+        return per_token * tokens + per_call
+
+
+@dataclass(frozen=True)
 class Efficiency:
     """Fractions of datasheet peaks that the roofline fallback assumes real kernels reach."""
 
@@ -216,18 +231,20 @@ class Hardware:
     attn: AttnCoeffs  # for the layout's tp_a
     expert: ExpertCoeffs  # for the layout's tp_e
     util_curve: UtilCurve = DEFAULT_UTIL_CURVE
+    route: RouteCoeffs = RouteCoeffs()  # on the attention GPU
 
 
 def afd_stage_times_s(shape: MoEShape, lay: AfdLayout, hw: Hardware, b_a: float,
                       avg_seq_len: float) -> tuple[float, float, float]:
-    """(T_a, T_e, T_c) per layer and micro-batch under uniform routing.
+    """(T_a, T_e, T_c) per layer and micro-batch under uniform routing; T_a includes splitting
+    the micro-batch's rows by expert group (``hw.route``).
 
     T_e is that of the busiest expert group: the one holding ceil(E/n_e) experts, which gets
     b_a·n_a·K·c/E (token, expert) pairs. T_c is eq. 6 in bytes, the slower of the attention
     GPU sending b_a·rows_per_token·row_bytes/tp_a and the expert GPU receiving its share.
     """
     held = math.ceil(shape.num_experts / lay.n_e)
-    t_a = attn_time_s(b_a, avg_seq_len, hw.attn)
+    t_a = attn_time_s(b_a, avg_seq_len, hw.attn) + hw.route.time_s(b_a, lay.n_e)
     pairs = b_a * lay.n_a * shape.top_k * held / shape.num_experts
     t_e = expert_time_s(pairs, held, hw.expert)
     send_bytes = b_a * groups_per_token(shape.num_experts, shape.top_k, lay.n_e) * shape.row_bytes / lay.tp_a

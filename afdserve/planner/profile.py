@@ -5,12 +5,14 @@ Format (JSON)::
     {"version": 1, "device": "NVIDIA H20", "gpu": "H20", "dtype": "bfloat16",
      "models": {"Mixtral-8x22B": {
          "attn":   {"1": {"k1_s_per_token": .., "k1_s_per_token_ctx": .., "k2_s": ..}, "2": {..}},
-         "expert": {"1": {"k3_s_per_token": .., "k4_s_per_expert": .., "overhead_s": ..}}}},
+         "expert": {"1": {"k3_s_per_token": .., "k4_s_per_expert": .., "overhead_s": ..}},
+         "route":  {"1": {"s_per_token": .., "s": ..}, "2": {..}}}},
      "comm": {"backend": "nccl", "link_gb_per_s": 23.1, "util_curve": [[1024, 0.04], [4096, 0.12], ..]},
      "meta": {...}}
 
 ``gpu`` names the catalog entry the numbers apply to; keys under "attn"/"expert" are tensor-
-parallel sizes. Coefficients are per layer per micro-batch (see ``perf_model``).
+parallel sizes, under "route" (optional) numbers of expert groups. Coefficients are per layer
+per micro-batch (see ``perf_model``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from afdserve.planner.perf_model import (
     AttnCoeffs,
     Efficiency,
     ExpertCoeffs,
+    RouteCoeffs,
     UtilCurve,
     roofline_attn_coeffs,
     roofline_expert_coeffs,
@@ -44,13 +47,17 @@ class Profile:
     link_gb_per_s: float | None = None
     comm_backend: str | None = None
     meta: dict = field(default_factory=dict)
+    route: dict[str, RouteCoeffs] = field(default_factory=dict)  # model -> the attention side's row split
 
 
 def profile_to_dict(p: Profile) -> dict:
     models = {}
-    for name in sorted(set(p.attn) | set(p.expert)):
+    for name in sorted(set(p.attn) | set(p.expert) | set(p.route)):
         models[name] = {role: {str(tp): _coeff_dict(c) for tp, c in sorted(table.get(name, {}).items())}
                         for role, table in (("attn", p.attn), ("expert", p.expert))}
+        if name in p.route:
+            models[name]["route"] = {str(g): {"s_per_token": tok, "s": call}
+                                     for g, tok, call in p.route[name].by_groups}
     out = {"version": PROFILE_VERSION, "device": p.device, "gpu": p.gpu, "dtype": p.dtype, "models": models}
     if p.util_curve is not None:
         out["comm"] = {"backend": p.comm_backend, "link_gb_per_s": p.link_gb_per_s,
@@ -66,10 +73,13 @@ def profile_from_dict(d: dict) -> Profile:
             for name, m in d.get("models", {}).items()}
     expert = {name: {int(tp): ExpertCoeffs(**c, source="profile") for tp, c in m.get("expert", {}).items()}
               for name, m in d.get("models", {}).items()}
+    route = {name: RouteCoeffs(tuple(sorted((int(g), float(c["s_per_token"]), float(c["s"]))
+                                            for g, c in m["route"].items())))
+             for name, m in d.get("models", {}).items() if m.get("route")}
     comm = d.get("comm") or {}
     curve = tuple((float(x), float(u)) for x, u in comm["util_curve"]) if comm.get("util_curve") else None
     return Profile(d["device"], d["gpu"], d.get("dtype", "bfloat16"), attn, expert, curve,
-                   comm.get("link_gb_per_s"), comm.get("backend"), d.get("meta", {}))
+                   comm.get("link_gb_per_s"), comm.get("backend"), d.get("meta", {}), route)
 
 
 def save_profile(path: str, p: Profile) -> None:
@@ -113,6 +123,13 @@ class CoeffSource:
             return replace(c, source="profile")
         r = tp0 / tp
         return ExpertCoeffs(c.k3_s_per_token * r, c.k4_s_per_expert * r, c.overhead_s, f"profile tp={tp0} scaled")
+
+    def route(self, shape: MoEShape, gpu: GPU) -> RouteCoeffs:
+        """The measured cost of splitting rows by expert group on this GPU, or none."""
+        for p in self.profiles:
+            if shape.name in p.route and p.gpu.lower() == gpu.name.lower():
+                return p.route[shape.name]
+        return RouteCoeffs()
 
     def link_gb_per_s(self, gpu: GPU) -> float | None:
         """The transport's measured rate on this GPU type (the profile's utilisation curve is

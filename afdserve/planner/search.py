@@ -160,7 +160,7 @@ def _ratio(num: float, den: float, cap: float) -> float:
 
 def candidates(req: PlanRequest, a: AttnSide, e: ExpertSide, curve: UtilCurve):
     """Every (m, n_a) of one attention side and one expert side, with its throughput-per-cost bound."""
-    hw = Hardware(a.gpu, e.gpu, a.coeffs, e.coeffs, curve)
+    hw = Hardware(a.gpu, e.gpu, a.coeffs, e.coeffs, curve, req.coeffs.route(req.shape, a.gpu))
     for m in range(1, req.space.max_micro_batches + 1):
         for n_a in attn_group_counts(req, a, e, m):
             lay = AfdLayout(a.tp, n_a, e.tp, e.n_e, m)
@@ -180,7 +180,8 @@ def bound_step_s(req: PlanRequest, lay: AfdLayout, hw: Hardware, b_a: int) -> fl
 def simulate_candidate(req: PlanRequest, c: Candidate, curve: UtilCurve) -> tuple[Plan | None, int]:
     """Largest b_a whose simulated step meets the SLO (binary search below the bound b_hi)."""
     lay = AfdLayout(c.attn.tp, c.n_a, c.expert.tp, c.expert.n_e, c.m)
-    hw = Hardware(c.attn.gpu, c.expert.gpu, c.attn.coeffs, c.expert.coeffs, curve)
+    hw = Hardware(c.attn.gpu, c.expert.gpu, c.attn.coeffs, c.expert.coeffs, curve,
+                  req.coeffs.route(req.shape, c.attn.gpu))
     runs, steps = 0, {}
 
     def step_s(b: int) -> float:

@@ -55,7 +55,8 @@ def setup_from_args(args: argparse.Namespace) -> SimSetup:
                     opts["micro_batches"])
     a_gpu, e_gpu = req.attn_gpus[0], req.expert_gpus[0]
     hw = Hardware(a_gpu, e_gpu, req.coeffs.attn(req.shape, a_gpu, lay.tp_a),
-                  req.coeffs.expert(req.shape, e_gpu, lay.tp_e), req.coeffs.util_curve())
+                  req.coeffs.expert(req.shape, e_gpu, lay.tp_e), req.coeffs.util_curve(),
+                  req.coeffs.route(req.shape, a_gpu))
     wl = Workload(max(1, opts["max_num_seqs"] // lay.m), req.avg_seq_len, args.seq_len_cv, req.expert_load,
                   args.steps, req.sample_s, args.seed)
     wl = with_placement(wl, req.shape.num_experts, lay.n_e, req.num_redundant_experts)

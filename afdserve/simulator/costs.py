@@ -156,18 +156,19 @@ def _placed_shares(load_bytes: bytes, shape: tuple[int, int], n_e: int, redundan
 
 
 def _attn_costs(shape: MoEShape, lay: AfdLayout, hw: Hardware, wl: Workload) -> Cost:
-    """T_a per (step, node, micro-batch): k1_tok·b_a + k1_ctx·(sum of its contexts) + k2.
+    """T_a per (step, node, micro-batch): k1_tok·b_a + k1_ctx·(sum of its contexts) + k2, plus
+    splitting the rows by expert group (``hw.route``).
 
     Context lengths are drawn once per sequence and grow by one token per step.
     """
-    c = hw.attn
+    c, route = hw.attn, hw.route.time_s(wl.b_a, lay.n_e)
     if wl.seq_len_cv == 0:
-        return c.k1_s(wl.avg_seq_len) * wl.b_a + c.k2_s
+        return c.k1_s(wl.avg_seq_len) * wl.b_a + c.k2_s + route
     rng = np.random.default_rng(wl.seed)
     k = 1.0 / wl.seq_len_cv ** 2
     lens = rng.gamma(k, wl.avg_seq_len / k, size=(lay.n_a, lay.m, wl.b_a)).sum(axis=-1)
     ctx = lens[None] + wl.b_a * np.arange(wl.steps)[:, None, None]
-    return c.k1_s_per_token * wl.b_a + c.k1_s_per_token_ctx * ctx + c.k2_s
+    return c.k1_s_per_token * wl.b_a + c.k1_s_per_token_ctx * ctx + c.k2_s + route
 
 
 def _expert_costs(shape: MoEShape, lay: AfdLayout, hw: Hardware, wl: Workload) -> tuple[Cost, np.ndarray]:

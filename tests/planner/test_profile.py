@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -79,3 +80,47 @@ def test_isotonic_smoothing():
     from afdserve.planner.measure_comm import isotonic
 
     assert isotonic([0.1, 0.3, 0.2, 0.5, 0.4, 1.0]) == pytest.approx([0.1, 0.25, 0.25, 0.45, 0.45, 1.0])
+
+
+def test_row_split_cost_round_trip_and_lookup(tmp_path):
+    """The measured row split by expert group (per token and per call, per number of groups):
+    saved, loaded, used for that GPU and model only, nearest group count, nothing when absent."""
+    from afdserve.planner.perf_model import RouteCoeffs
+    route = RouteCoeffs(((1, 0.0, 5e-5), (2, 1e-8, 6e-4)))
+    path = str(tmp_path / "p.json")
+    save_profile(path, replace(_profile(), route={SHAPE.name: route}))
+    got = load_profile(path)
+    assert got.route == {SHAPE.name: route}
+    src = CoeffSource((got,))
+    assert src.route(SHAPE, get_gpu("H20")) == route and src.route(SHAPE, get_gpu("L40S")) == RouteCoeffs()
+    assert route.time_s(100, 1) == pytest.approx(5e-5)
+    assert route.time_s(100, 4) == route.time_s(100, 2) == pytest.approx(1e-6 + 6e-4)  # nearest measured: 2
+    assert RouteCoeffs().time_s(100, 2) == 0.0
+    assert CoeffSource((_profile(),)).route(SHAPE, get_gpu("H20")) == RouteCoeffs()  # a profile without one
+
+
+def test_measuring_the_row_split_on_cpu():
+    from afdserve.planner.measure import measure_route
+    route, samples = measure_route(TINY, (1, 2), (4, 64), torch.device("cpu"), torch.float32, iters=2)
+    assert [g for g, *_ in route.by_groups] == [1, 2] and len(samples) == 4
+    assert all(tok >= 0 and call >= 0 for _, tok, call in route.by_groups)
+    assert route.time_s(64, 2) > 0
+
+
+def test_planner_adds_the_row_split_to_the_attention_side():
+    """With a measured row split the planner's T_a (AFD and colocated EP) grows by it."""
+    from afdserve.planner.colocated import colocated_ep_stages
+    from afdserve.planner.core import PlanRequest, SearchSpace
+    from afdserve.planner.perf_model import AfdLayout, Hardware, RouteCoeffs, afd_stage_times_s
+    route = RouteCoeffs(((1, 0.0, 5e-5), (2, 1e-8, 6e-4)))
+    h20 = get_gpu("H20")
+    prof = _profile()
+    reqs = [PlanRequest(SHAPE, (h20,), (h20,), 0.15, 700.0, CoeffSource((p,)), SearchSpace())
+            for p in (prof, replace(prof, route={SHAPE.name: route}))]
+    plain, split = (colocated_ep_stages(r, h20, 2, 64.0) for r in reqs)
+    assert split[0] - plain[0] == pytest.approx(route.time_s(64, 2)) and split[1:] == plain[1:]
+    a, e = reqs[0].coeffs.attn(SHAPE, h20, 1), reqs[0].coeffs.expert(SHAPE, h20, 1)
+    lay = AfdLayout(1, 2, 1, 2, 2)
+    t0 = afd_stage_times_s(SHAPE, lay, Hardware(h20, h20, a, e), 32.0, 700.0)
+    t1 = afd_stage_times_s(SHAPE, lay, Hardware(h20, h20, a, e, route=route), 32.0, 700.0)
+    assert t1[0] - t0[0] == pytest.approx(route.time_s(32, 2)) and t1[1:] == t0[1:]
