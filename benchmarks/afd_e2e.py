@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import transfer  # noqa: E402
+from benchmarks.afd_predict import dtype_name, fit_profile, predict, write_profile  # noqa: E402
 
 MIXTRAL_8X7B = {
     "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
@@ -127,7 +128,7 @@ def run_layout(model_dir: str, cfg: dict, lay: Layout, batches: list[int], input
     os.environ["AFDSERVE_OP_TIMING"] = timing_dir
     seq_len = input_len + output_len + 1
     bmax = max(batches)
-    llm = LLM(model_dir, load_format="dummy", device=device, dtype=_dtype(device), max_num_seqs=bmax,
+    llm = LLM(model_dir, load_format="dummy", device=device, dtype=dtype_name(device), max_num_seqs=bmax,
               max_num_batched_tokens=max(bmax, 256), max_model_len=seq_len + BLOCK,
               num_kv_blocks=bmax * math.ceil((seq_len + BLOCK) / BLOCK), benchmark_skip_prefill=True,
               **lay.options())
@@ -208,106 +209,11 @@ def add_op_timing(rows: list[dict], lay: Layout, timing_dir: str) -> None:
             row["gpu_busy"] = busy(0, ("attn", "expert"))
 
 
-# -- the planner's prediction ------------------------------------------------------------------
-
-def _dtype(device: str) -> str:
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-def fit_profile(shape, device, max_pairs: int, batches: tuple[int, ...], seq_lens: tuple[int, ...]) -> dict:
-    """k1..k4 of the Mixtral shape on this GPU (``planner.measure``), the cost of the row split by
-    expert group (``planner.measure.measure_route``) and the lm_head + argmax cost per step, each
-    fitted linear in b."""
-    import numpy as np
-
-    from afdserve.planner.measure import fit_nonneg, measure_attn, measure_expert, measure_route, median_time_s
-
-    dtype = getattr(torch, _dtype(device.type))
-    attn, attn_samples = measure_attn(shape, 1, batches, seq_lens, device, dtype)
-    pairs = tuple(sorted({64, 256, 1024, 2048, max_pairs}))
-    expert, expert_samples = measure_expert(shape, 1, pairs, device, dtype, held_counts=(4, 8))
-    route, _ = measure_route(shape, (1, 2), batches, device, dtype, iters=5)
-    samples = [(b, median_time_s(_sample_runner(shape, b, device, dtype), device, iters=5)) for b in batches]
-    sample = [float(c) for c in fit_nonneg(np.array([[b, 1.0] for b, _ in samples]), np.array([t for _, t in samples]))]
-    return {"attn": attn, "expert": expert, "route": route, "sample": sample,
-            "samples": {"attn": attn_samples, "expert": expert_samples}}
-
-
-def _sample_runner(shape, b, device, dtype):
-    h = torch.randn(b, shape.hidden, device=device, dtype=dtype)
-    w = torch.randn(shape.vocab, shape.hidden, device=device, dtype=dtype)
-    return lambda: torch.argmax((h @ w.t()).float(), dim=-1).cpu()
-
-
-def write_profile(path: str, prof: dict, comm: list[dict], device: str, model: str = "Mixtral-8x7B") -> None:
-    """The fitted coefficients and the transport's utilisation curve as a planner profile file
-    (``afdserve plan --profile PATH``)."""
-    from afdserve.planner.measure_cli import guess_gpu
-    from afdserve.planner.profile import Profile, save_profile
-
-    curve, best = transfer.utilisation_curve(comm)
-    gpu = guess_gpu(device) or device
-    save_profile(path, Profile(device, gpu, "bfloat16", {model: {1: prof["attn"]}}, {model: {1: prof["expert"]}},
-                               tuple((b, u) for b, u in curve), best, "nccl" if "cpu" not in device else "gloo",
-                               {"source": "benchmarks/afd_e2e.py", "transport": "afdserve_p2p"},
-                               {model: prof["route"]}))
-
-
-def predict(row: dict, shape, prof: dict, comm: list[dict], ctx: float) -> dict:
-    """The planner's model at this row's layout and batch: step time of the executor."""
-    from afdserve.planner.perf_model import attn_time_s, expert_time_s, group_hit_prob, step_time_s
-
-    L, K, E = shape.num_layers, shape.top_k, shape.num_experts
-    row_bytes = shape.hidden * shape.dtype_bytes + 8 * K
-    split_s = (lambda tokens: 0.0) if row["kind"] == "single" else (  # noqa: E731
-        lambda tokens: prof["route"].time_s(tokens, row["n_e"]))
-    s0, s1 = prof["sample"]
-    b, m = row["b"], row["m"]
-    if row["kind"] == "afd":
-        bm = b / m
-        held = math.ceil(E / row["n_e"])
-        t_a = attn_time_s(bm, ctx, prof["attn"]) + split_s(bm)
-        t_e = expert_time_s(bm * row["n_a"] * K * held / E, held, prof["expert"])
-        rows_out = bm * group_hit_prob(E, K, held)
-        # the busier end: an attention GPU sends its rows, an expert GPU receives every group's
-        method = "afdserve_ipc" if row.get("transport") == "ipc" else "afdserve_p2p"
-        t_c = max(comm_time_s(comm, method, rows_out * row_bytes),
-                  comm_time_s(comm, method, row["n_a"] * rows_out * row_bytes))
-        step = step_time_s(t_a, t_e, t_c, m, L)
-    elif row["kind"] == "colocated":
-        held = E // row["n_e"]
-        t_a = attn_time_s(b, ctx, prof["attn"]) + split_s(b)
-        t_e = expert_time_s(b * K, held, prof["expert"])  # b*n*K*held/E with held = E/n
-        t_c = comm_time_s(comm, "afdserve_a2a", b * group_hit_prob(E, K, held) * row_bytes)
-        step = L * (t_a + t_e + 2 * t_c)
-    else:
-        t_a = attn_time_s(b, ctx, prof["attn"])
-        t_e = expert_time_s(b * K, E, prof["expert"])
-        t_c = 0.0
-        step = L * (t_a + t_e)
-    return {"pred_step_ms": 1e3 * step, "pred_tbt_ms": 1e3 * (step + s0 * b + s1), "pred_t_a_ms": 1e3 * t_a,
-            "pred_t_e_ms": 1e3 * t_e, "pred_t_c_ms": 1e3 * t_c}
-
-
 def _transport(lay: Layout, device: str) -> str | None:
     """The AFD transport a layout runs with ("auto": ipc on one node with CUDA, else p2p)."""
     if lay.layout != "afd":
         return None
     return lay.transport if lay.transport != "auto" else ("ipc" if device == "cuda" else "p2p")
-
-
-def comm_time_s(comm: list[dict], method: str, nbytes: float) -> float:
-    """One-way time of ``method`` at ``nbytes``, linear between the measured sizes."""
-    pts = sorted((r["bytes"], r["median_us"] * 1e-6) for r in comm if r["method"] == method)
-    if not pts or nbytes <= 0:
-        return 0.0
-    if nbytes <= pts[0][0]:
-        return pts[0][1]
-    for (x0, t0), (x1, t1) in zip(pts, pts[1:]):
-        if nbytes <= x1:
-            return t0 + (t1 - t0) * (nbytes - x0) / (x1 - x0)
-    (x0, t0), (x1, t1) = pts[-2], pts[-1]
-    return t1 + (t1 - t0) * (nbytes - x1) / (x1 - x0)
 
 
 def _device_name(device: str) -> str:
@@ -397,6 +303,78 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def load_comm(args: argparse.Namespace, cuda: bool) -> list[dict]:
+    """The transfer benchmark's rows: reused from ``--transfer-json`` or run (and saved) now."""
+    if args.transfer_json:
+        with open(args.transfer_json) as f:
+            return json.load(f)["results"]
+    t0 = time.perf_counter()
+    comm = transfer.run(1, 1, 16, 16 if cuda else 1, iters=100 if cuda else 5, device=args.device)
+    with open(os.path.join(args.out_dir, f"transfer_{args.tag}.json"), "w") as f:
+        json.dump({"m": 1, "n": 1, "results": comm, "device": _device_name(args.device)}, f, indent=1)
+    print(transfer.table(comm), flush=True)
+    print(f"[transfer {time.perf_counter() - t0:.0f} s]", flush=True)
+    return comm
+
+
+def batches_for(lay: Layout, cfg: dict, args: argparse.Namespace, seq_len: int, gpu_bytes: float) -> list[int]:
+    """The per-replica batches ``--batches`` asks for, relative to the layout's memory max."""
+    top = max_batch(cfg, lay, seq_len, gpu_bytes, args.headroom_gb * 1e9)
+    if args.batches == "max":
+        return [top]
+    if args.batches == "auto":
+        return sorted({max(16, top // 4 // 16 * 16), top})
+    if args.batches.startswith("f"):  # fractions of the memory max, e.g. f0.25,f0.5,f1
+        return sorted({max(16, int(float(x[1:]) * top) // 16 * 16) for x in args.batches.split(",")})
+    return [int(x) for x in args.batches.split(",")]
+
+
+def run_and_predict(lay: Layout, batches: list[int], model_dir: str, cfg: dict, args: argparse.Namespace, shape,
+                    prof: dict, comm: list[dict], ctx: float) -> list[dict]:
+    """One layout's measured rows with the model's prediction beside each (appended to rows.jsonl
+    as they come, so a later timeout loses nothing); a failing layout gives one error row."""
+    t0 = time.perf_counter()
+    try:
+        got = run_layout(model_dir, cfg, lay, batches, args.input_len, args.output_len,
+                         os.path.join(model_dir, "timing-" + lay.name.replace(" ", "_").replace("=", "")),
+                         args.device)
+    except Exception as e:  # one failing layout must not lose the others' results
+        print(f"[{lay.name} failed: {type(e).__name__}: {e}]", flush=True)
+        return [{"layout": lay.name, "error": f"{type(e).__name__}: {e}"}]
+    for r in got:
+        r |= predict(r, shape, prof, comm, ctx)
+        r["pred_tok_s_per_gpu"] = r["total_batch"] / (r["pred_tbt_ms"] / 1e3) / lay.num_gpus
+        with open(os.path.join(args.out_dir, "rows.jsonl"), "a") as f:
+            f.write(json.dumps(r) + "\n")
+    print(f"[{lay.name} {time.perf_counter() - t0:.0f} s]", flush=True)
+    return got
+
+
+def save_results(args: argparse.Namespace, prof: dict, rows: list[dict]) -> None:
+    """The run's JSON (device, commit, command, fitted profile, rows), the plots and the table."""
+    ok = [r for r in rows if "error" not in r]
+    commit = os.environ.get("AFDSERVE_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {
+        "device": _device_name(args.device), "torch": torch.__version__,
+        "commit": commit, "command": "PYTHONPATH=. python3 benchmarks/afd_e2e.py " + " ".join(sys.argv[1:]),
+        "model": "Mixtral-8x7B shape, random bf16 weights", "input_len": args.input_len,
+        "output_len": args.output_len, "slo_ms": args.slo_ms, "prefill": "skipped (benchmark_skip_prefill)",
+        "profile": {"attn": vars(prof["attn"]), "expert": vars(prof["expert"]),
+                    "route_s": {g: [tok, call] for g, tok, call in prof["route"].by_groups},
+                    "sample_s": prof["sample"], "samples": prof["samples"]},
+        "rows": rows, "best_under_slo": best_under_slo(ok, args.slo_ms),
+    }
+    name = f"afd_e2e_{args.tag}_{args.input_len}_{args.output_len}"
+    with open(os.path.join(args.out_dir, name + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_m_sweep(ok, os.path.join(args.out_dir, name + "_m_sweep.png"),
+                 f"Mixtral-8x7B, {args.input_len}/{args.output_len}, 1 attention + 1 expert GPU")
+    plot_ratio_sweep(ok, result["best_under_slo"], os.path.join(args.out_dir, name + "_ratio_sweep.png"),
+                     f"Mixtral-8x7B, {args.input_len}/{args.output_len}, TBT SLO {args.slo_ms:g} ms")
+    print(table(ok))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", required=True)
@@ -432,28 +410,8 @@ def main() -> None:
     seq_len = args.input_len + args.output_len + 1
     ctx = args.input_len + args.output_len / 2
 
-    t0 = time.perf_counter()
-    if args.transfer_json:
-        with open(args.transfer_json) as f:
-            comm = json.load(f)["results"]
-    else:
-        comm = transfer.run(1, 1, 16, 16 if cuda else 1, iters=100 if cuda else 5, device=args.device)
-        with open(os.path.join(args.out_dir, f"transfer_{args.tag}.json"), "w") as f:
-            json.dump({"m": 1, "n": 1, "results": comm, "device": _device_name(args.device)}, f, indent=1)
-        print(transfer.table(comm), flush=True)
-    print(f"[transfer {time.perf_counter() - t0:.0f} s]", flush=True)
-
-    def batches_of(lay: Layout) -> list[int]:
-        top = max_batch(cfg, lay, seq_len, gpu_bytes, args.headroom_gb * 1e9)
-        if args.batches == "max":
-            return [top]
-        if args.batches == "auto":
-            return sorted({max(16, top // 4 // 16 * 16), top})
-        if args.batches.startswith("f"):  # fractions of the memory max, e.g. f0.25,f0.5,f1
-            return sorted({max(16, int(float(x[1:]) * top) // 16 * 16) for x in args.batches.split(",")})
-        return [int(x) for x in args.batches.split(",")]
-
-    plan = {lay: batches_of(lay) for lay in layouts}
+    comm = load_comm(args, cuda)
+    plan = {lay: batches_for(lay, cfg, args, seq_len, gpu_bytes) for lay in layouts}
     all_b = sorted({b for bs in plan.values() for b in bs})
     t0 = time.perf_counter()
     prof = fit_profile(shape, device, 2 * max(all_b), tuple(sorted({16, 64, 256, max(all_b)})),
@@ -462,47 +420,10 @@ def main() -> None:
     write_profile(os.path.join(args.out_dir, f"profile_{args.tag}.json"), prof, comm, _device_name(args.device))
     if cuda:
         torch.cuda.empty_cache()
-
     rows = []
     for lay in layouts:
-        t0 = time.perf_counter()
-        try:
-            got = run_layout(model_dir, cfg, lay, plan[lay], args.input_len, args.output_len,
-                             os.path.join(model_dir, "timing-" + lay.name.replace(" ", "_").replace("=", "")),
-                             args.device)
-        except Exception as e:  # one failing layout must not lose the others' results
-            print(f"[{lay.name} failed: {type(e).__name__}: {e}]", flush=True)
-            rows.append({"layout": lay.name, "error": f"{type(e).__name__}: {e}"})
-            continue
-        for r in got:
-            r |= predict(r, shape, prof, comm, ctx)
-            tbt = r["pred_tbt_ms"] / 1e3
-            r["pred_tok_s_per_gpu"] = r["total_batch"] / tbt / lay.num_gpus
-            with open(os.path.join(args.out_dir, "rows.jsonl"), "a") as f:  # survives a later timeout
-                f.write(json.dumps(r) + "\n")
-        rows += got
-        print(f"[{lay.name} {time.perf_counter() - t0:.0f} s]", flush=True)
-    ok = [r for r in rows if "error" not in r]
-    commit = os.environ.get("AFDSERVE_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {
-        "device": _device_name(args.device), "torch": torch.__version__,
-        "commit": commit, "command": "PYTHONPATH=. python3 benchmarks/afd_e2e.py " + " ".join(sys.argv[1:]),
-        "model": "Mixtral-8x7B shape, random bf16 weights", "input_len": args.input_len,
-        "output_len": args.output_len, "slo_ms": args.slo_ms, "prefill": "skipped (benchmark_skip_prefill)",
-        "profile": {"attn": vars(prof["attn"]), "expert": vars(prof["expert"]),
-                    "route_s": {g: [tok, call] for g, tok, call in prof["route"].by_groups},
-                    "sample_s": prof["sample"], "samples": prof["samples"]},
-        "rows": rows, "best_under_slo": best_under_slo(ok, args.slo_ms),
-    }
-    name = f"afd_e2e_{args.tag}_{args.input_len}_{args.output_len}"
-    with open(os.path.join(args.out_dir, name + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot_m_sweep(ok, os.path.join(args.out_dir, name + "_m_sweep.png"),
-                 f"Mixtral-8x7B, {args.input_len}/{args.output_len}, 1 attention + 1 expert GPU")
-    plot_ratio_sweep(ok, result["best_under_slo"], os.path.join(args.out_dir, name + "_ratio_sweep.png"),
-                     f"Mixtral-8x7B, {args.input_len}/{args.output_len}, TBT SLO {args.slo_ms:g} ms")
-    print(table(ok))
+        rows += run_and_predict(lay, plan[lay], model_dir, cfg, args, shape, prof, comm, ctx)
+    save_results(args, prof, rows)
     shutil.rmtree(model_dir, ignore_errors=True)
 
 
