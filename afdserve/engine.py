@@ -18,9 +18,10 @@ import torch
 
 from afdserve.core import InvalidRequest, Request, SamplingParams
 from afdserve.kv_cache import blocks_needed
+from afdserve.layers.basic import to_device
 from afdserve.output import append_token
-from afdserve.runner import Executor, MicroBatchInput, prepare, sample_logits, to_device
-from afdserve.sampler import sample, sample_on_device, samples_on_device
+from afdserve.runner import Executor, MicroBatchInput, prepare, sample_logits
+from afdserve.sampler import can_sample_on_device, sample, sample_on_device
 from afdserve.scheduler import Scheduler
 
 
@@ -128,7 +129,7 @@ class Engine:
         a disaggregated replica must take part in every global step."""
         if always_run or not self.async_scheduling:
             return self._step_sync(always_run)
-        if not all(samples_on_device(r) for r in self._may_run_next()):
+        if not all(can_sample_on_device(r) for r in self._may_run_next()):
             # a request needs the host's view of its tokens: read the pending ones, then step synchronously
             return self._read_inflight() if self._inflight is not None else self._step_sync(False)
         plan = self.scheduler.schedule()
@@ -157,10 +158,10 @@ class Engine:
 
     def _fill_pending(self, inputs: list[MicroBatchInput]) -> None:
         """Input rows whose token the running step samples read it on the device."""
+        index = {id(r): i for i, r in enumerate(self._inflight.requests)} if self._inflight else {}
         for inp in inputs:
             if not inp.pending_rows:
                 continue
-            index = {id(r): i for i, r in enumerate(self._inflight.requests)}
             rows = to_device([row for row, _ in inp.pending_rows], torch.int64, self.device)
             src = to_device([index[id(req)] for _, req in inp.pending_rows], torch.int64, self.device)
             inp.token_ids_T.index_copy_(0, rows, self._inflight.tokens_dev.index_select(0, src))

@@ -14,6 +14,7 @@ import torch
 
 from afdserve.core import Request, ScheduledChunk
 from afdserve.layers.attention import AttnMeta, add_device_fields
+from afdserve.layers.basic import to_device
 from afdserve.models.moe_model import AttentionModel, ExpertModel, combine
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -36,15 +37,6 @@ class Executor(Protocol):
     def run(self, inputs: list[MicroBatchInput]) -> list[torch.Tensor]:
         """Final hidden states [T, D] of every micro-batch (all layers done)."""
         ...
-
-
-def to_device(values: list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A host list as a device tensor without waiting for the GPU: on CUDA through pinned
-    memory and an asynchronous copy (a plain ``torch.tensor(..., device=cuda)`` synchronises)."""
-    t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def prepare(chunks: list[ScheduledChunk], block_size: int, device: torch.device | str) -> MicroBatchInput:

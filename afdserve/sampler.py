@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from afdserve.core import Request, SamplingParams
+from afdserve.layers.basic import to_device
 
 
 def sample(logits_NV: torch.Tensor, requests: list[Request],
@@ -20,17 +21,16 @@ def sample(logits_NV: torch.Tensor, requests: list[Request],
         for i in adjusted:
             adjust_logits(logits_NV[i], requests[i])
     tokens = torch.argmax(logits_NV, dim=-1).tolist()
-    for i, req in enumerate(requests):
-        if not req.params.greedy:
-            probs_V = _probs(logits_NV[i], req.params)
-            gen = req.generator or default_generator
-            if gen is not None and gen.device != probs_V.device:  # seeds live in CPU generators
-                probs_V = probs_V.cpu()
+    rows = [i for i, req in enumerate(requests) if not req.params.greedy]
+    if rows:  # each row draws from its own CPU generator (its seed's, else the engine's)
+        probs_RV = probs_batch(logits_NV[rows], [requests[i].params for i in rows]).cpu()
+        for i, probs_V in zip(rows, probs_RV):
+            gen = requests[i].generator or default_generator
             tokens[i] = int(torch.multinomial(probs_V, 1, generator=gen).item())
     return tokens, _logprobs(raw_NV, tokens, requests)
 
 
-def samples_on_device(req: Request) -> bool:
+def can_sample_on_device(req: Request) -> bool:
     """Whether the request's next token can be sampled without the host (async scheduling): no
     logprobs, penalties or logit bias, and no per-request seed (greedy rows need none)."""
     p = req.params
@@ -39,10 +39,8 @@ def samples_on_device(req: Request) -> bool:
 
 def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator: torch.Generator) -> torch.Tensor:
     """int64 [N] tokens left on the logits' device, no host synchronisation: greedy rows take
-    the argmax (ties: lowest id), the others sample from ``_probs`` by the exponential race
+    the argmax (ties: lowest id), the others sample from ``probs_batch`` by the exponential race
     (argmax of p / Exp(1) noise picks token i with probability p_i)."""
-    from afdserve.runner import to_device
-
     logits_NV = logits_NV.float()
     tokens_N = torch.argmax(logits_NV, dim=-1)
     rows = [i for i, req in enumerate(requests) if not req.params.greedy]
@@ -55,12 +53,10 @@ def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator
 
 
 def probs_batch(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """``_probs`` of every row at once (a fixed number of launches, whatever the batch): the
-    temperature, top-k (logits below the k-th largest dropped, ties kept), softmax, min-p, then
-    top-p (the smallest prefix of the sorted probabilities reaching top_p), renormalised."""
-    from afdserve.runner import to_device
-
-    r, v = logits_RV.shape
+    """Each row's sampling distribution, all rows at once (a fixed number of launches, whatever
+    the batch): the temperature, top-k (logits below the k-th largest dropped, ties kept), softmax,
+    min-p, then top-p (the smallest prefix of the sorted probabilities reaching top_p), renormalised."""
+    v = logits_RV.shape[1]
     column = lambda xs, dtype: to_device(xs, dtype, logits_RV.device)[:, None]  # noqa: E731
     x_RV = logits_RV / column([p.temperature for p in params], torch.float32)
     top_k = [p.top_k if 0 < p.top_k < v else v for p in params]
@@ -93,21 +89,6 @@ def adjust_logits(logits_V: torch.Tensor, req: Request) -> None:
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), device=dev)
         logits_V.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=dev))
-
-
-def _probs(logits_V: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    logits_V = logits_V / p.temperature
-    if p.top_k > 0 and p.top_k < logits_V.numel():
-        kth = torch.topk(logits_V, p.top_k).values[-1]
-        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
-    probs_V = torch.softmax(logits_V, dim=-1)
-    if p.min_p > 0:
-        probs_V = probs_V.masked_fill(probs_V < p.min_p * probs_V.max(), 0.0)
-    if p.top_p < 1.0:
-        sorted_p, idx = torch.sort(probs_V, descending=True)
-        drop = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
-        probs_V = probs_V.scatter(0, idx, sorted_p.masked_fill(drop, 0.0))
-    return probs_V / probs_V.sum()
 
 
 def _logprobs(logits_NV: torch.Tensor, tokens: list[int],

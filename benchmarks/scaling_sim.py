@@ -72,8 +72,8 @@ def make_request(profile: Profile, avg_seq_len: float, slo_s: float, max_m: int 
                  profile_link: bool = True) -> PlanRequest:
     """Both roles on the profile's GPU at tp 1, one expert group, coefficients from the profile."""
     gpu, coeffs = get_gpu(profile.gpu), CoeffSource((profile,))
-    if profile_link and coeffs.link_gb_per_s(gpu):  # as `afdserve plan --profile` does
-        gpu = replace(gpu, net_gb_per_s=coeffs.link_gb_per_s(gpu))
+    if profile_link:  # as `afdserve plan --profile` does
+        gpu = replace(gpu, net_gb_per_s=coeffs.link_gb_per_s(gpu) or gpu.net_gb_per_s)
     space = SearchSpace(tp_values=(1,), max_micro_batches=max_m, expert_groups=(1,), top=1)
     return PlanRequest(load_shape(MODEL), (gpu,), (gpu,), slo_s, avg_seq_len, coeffs, space, sample_s)
 

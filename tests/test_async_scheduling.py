@@ -9,7 +9,7 @@ import torch
 
 from afdserve import LLM, SamplingParams
 from afdserve.core import Request
-from afdserve.sampler import _probs, sample_on_device, samples_on_device
+from afdserve.sampler import can_sample_on_device, probs_batch, sample_on_device
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -93,7 +93,7 @@ def test_requests_that_need_the_host_step_synchronously(model):
               SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, seed=9)]
     seeded = [Request(str(i), [1], p, generator=None if p.seed is None else torch.Generator().manual_seed(p.seed))
               for i, p in enumerate(params)]
-    assert [samples_on_device(r) for r in seeded] == [True, False, True, False, False, True]
+    assert [can_sample_on_device(r) for r in seeded] == [True, False, True, False, False, True]
     ref, got, llm = _both(model, prompts, params)
     llm.shutdown()
     assert got == ref
@@ -131,7 +131,7 @@ def test_abort_and_arrivals_while_a_step_is_in_flight(model):
 
 
 def test_device_sampler_draws_from_the_filtered_distribution():
-    """The exponential race picks each token with the probability ``_probs`` gives it
+    """The exponential race picks each token with the probability ``probs_batch`` gives it
     (temperature, top-k, top-p, min-p), greedy rows take the argmax."""
     gen = torch.Generator().manual_seed(0)
     logits_V = torch.randn(12, generator=gen) * 2
@@ -143,7 +143,7 @@ def test_device_sampler_draws_from_the_filtered_distribution():
         tokens = sample_on_device(logits_V.expand(draws + 1, -1), reqs, torch.Generator().manual_seed(1))
         assert tokens[-1] == logits_V.argmax()
         freq = torch.bincount(tokens[:-1], minlength=12).float() / draws
-        probs = _probs(logits_V.float(), p)
+        probs = probs_batch(logits_V.float()[None], [p])[0]
         assert (freq[probs == 0] == 0).all(), p
         assert (freq - probs).abs().max() < 0.015, (p, freq, probs)
 
@@ -154,9 +154,23 @@ def test_layouts_reject_async_scheduling(model):
         make_config(model, attn_groups=1, expert_groups=2, layout="afd", async_scheduling=True)
 
 
+def _one_row(logits_V: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The filters one row at a time, as the sampler computed them before ``probs_batch``."""
+    logits_V = logits_V / p.temperature
+    if 0 < p.top_k < logits_V.numel():
+        logits_V = logits_V.masked_fill(logits_V < torch.topk(logits_V, p.top_k).values[-1], float("-inf"))
+    probs_V = torch.softmax(logits_V, dim=-1)
+    if p.min_p > 0:
+        probs_V = probs_V.masked_fill(probs_V < p.min_p * probs_V.max(), 0.0)
+    if p.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs_V, descending=True)
+        probs_V = probs_V.scatter(0, idx, sorted_p.masked_fill(sorted_p.cumsum(0) - sorted_p > p.top_p, 0.0))
+    return probs_V / probs_V.sum()
+
+
 def test_batched_probabilities_equal_the_per_row_ones():
-    """``probs_batch`` (the async sampler's, one set of launches per step) gives each row what
-    ``_probs`` gives it alone, rows with different options mixed, ties at the k-th logit kept."""
+    """``probs_batch`` (one set of launches per step) gives each row what a plain one-row
+    filter gives it, rows with different options mixed, ties at the k-th logit kept."""
     from afdserve.sampler import probs_batch
     gen = torch.Generator().manual_seed(2)
     params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=4),
@@ -164,9 +178,9 @@ def test_batched_probabilities_equal_the_per_row_ones():
               SamplingParams(temperature=0.5, top_k=7, top_p=0.6, min_p=0.02),
               SamplingParams(temperature=2.0, top_k=50), SamplingParams(temperature=1.0, top_k=3)]
     logits_RV = torch.randn(len(params), 50, generator=gen) * 3
-    logits_RV[-1, :6] = 9.0  # six-way tie at the top: top_k=3 keeps all six, like _probs
+    logits_RV[-1, :6] = 9.0  # six-way tie at the top: top_k=3 keeps all six, as the one-row filter does
     got = probs_batch(logits_RV, params)
-    want = torch.stack([_probs(row, p) for row, p in zip(logits_RV, params)])
+    want = torch.stack([_one_row(row, p) for row, p in zip(logits_RV, params)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert (got[-1, :6] > 0).all() and (got[-1, 6:] == 0).all()
 

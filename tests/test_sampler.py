@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from afdserve.core import Request, SamplingParams
-from afdserve.sampler import _probs, sample
+from afdserve.sampler import probs_batch, sample
+
+
+def _probs(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    return probs_batch(logits_V[None], [params])[0]
 
 
 def test_top_k_keeps_k_tokens():

@@ -9,7 +9,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from afdserve.layers.basic import apply_rope, rms_norm
+from afdserve.layers.basic import apply_rope, rms_norm, to_device
 
 
 @dataclass
@@ -47,9 +47,7 @@ def add_device_fields(meta: AttnMeta, device: torch.device | str) -> None:
     width = max([len(t) for t in meta.block_tables] + [1])
     starts = list(accumulate(meta.q_lens, initial=0))[:b]
     tables = [x for t in meta.block_tables for x in t + [0] * (width - len(t))]
-    packed = torch.tensor(meta.ctx_lens + starts + meta.q_lens + tables, dtype=torch.int32)
-    packed = packed.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" \
-        else packed.to(device)
+    packed = to_device(meta.ctx_lens + starts + meta.q_lens + tables, torch.int32, device)
     meta.ctx_lens_B, meta.q_starts_B, meta.q_lens_B = packed[:b], packed[b:2 * b], packed[2 * b:3 * b]
     meta.block_tables_BM = packed[3 * b:].view(b, width)
     meta.max_q_len, meta.max_ctx_len = max(meta.q_lens, default=0), max(meta.ctx_lens, default=0)

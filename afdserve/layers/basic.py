@@ -7,6 +7,15 @@ import torch
 import torch.nn.functional as F
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list as a device tensor without waiting for the GPU: on CUDA through pinned
+    memory and an asynchronous copy (a plain ``torch.tensor(..., device=cuda)`` synchronises)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, cast back, then scaled (HF's order of operations)."""
     if x_TD.is_cuda:  # one launch instead of five on the GPU
