@@ -1,11 +1,18 @@
-"""CUDA graphs for decode steps: the whole forward of a decode micro-batch (every layer) is
-captured once per batch-size bucket and replayed, so Python and kernel-launch overhead stop
-setting the step time. Prefill and mixed steps run eagerly.
+"""CUDA graphs for decode steps, captured once per batch-size bucket and replayed, so Python
+and kernel-launch overhead stop setting the step time. Prefill and mixed steps run eagerly.
+
+- ``GraphedExecutor`` (single process): the forward of one decode micro-batch, every layer.
+- ``PipelineGraphs`` / ``ExpertGraphs`` (disaggregated, shared-slot transport): a whole global
+  step of each side, the transport's sends and GPU-side waits included, so nothing on the hot
+  path waits for the host. The two sides capture together at start-up (and after a live
+  re-placement): every capture is framed by two real steps the other side takes part in (a
+  warm-up before, a warm replay after), in the same bucket order on every leader.
 
 Inputs are copied into static buffers first; padding rows write no KV (slot -1), attend to
-one cached token of block 0, choose no expert (so they read no expert weights), and their
-outputs are dropped. All graphs share one memory pool (captured largest first). The decode attention kernel is
-captured for the longest context (``max_model_len``) and masks by each row's context length.
+one cached token of block 0, choose no expert (so they read no expert weights and travel as
+rows of id -1), and their outputs are dropped. Graphs of one executor share a memory pool
+(captured largest first). The decode attention kernel is captured for the longest context
+(``max_model_len``) and masks by each row's context length.
 Legend: B padded batch, M blocks per sequence, T tokens, D hidden."""
 
 from __future__ import annotations
@@ -21,8 +28,16 @@ def buckets(max_batch: int) -> list[int]:
     return [b for b in sizes if b < max_batch] + [max_batch]
 
 
-class _Graph:
-    def __init__(self, executor: SerialExecutor, batch: int, max_blocks: int, max_ctx: int, device, pool=None):
+def bucket_of(num_rows: int, sizes) -> int | None:
+    """The smallest bucket holding ``num_rows`` rows (None past the largest)."""
+    return min((b for b in sizes if b >= num_rows), default=None)
+
+
+class _StaticBatch:
+    """Fixed input buffers of one decode micro-batch of ``batch`` rows: ``inp`` is what the
+    graph was captured with; ``load`` copies a real micro-batch into its first rows."""
+
+    def __init__(self, batch: int, max_blocks: int, max_ctx: int, device):
         i32 = dict(dtype=torch.int32, device=device)
         self.num_valid_1 = torch.full((1,), batch, **i32)
         self.token_ids_T = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -35,17 +50,16 @@ class _Graph:
         meta.q_starts_B, meta.q_lens_B = torch.arange(batch, **i32), torch.ones(batch, **i32)
         meta.max_q_len, meta.max_ctx_len, meta.decode_only = 1, max_ctx, True
         meta.num_valid_1 = self.num_valid_1
-        inp = MicroBatchInput(self.token_ids_T, meta, torch.zeros(0, dtype=torch.int64, device=device))
-        executor.forward(inp)  # compile and warm up outside the capture
-        torch.cuda.synchronize()
-        meta.rope = None  # recomputed inside the graph from the static positions
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out_BD = executor.forward(inp)
-        self.num_valid_1.fill_(0)  # all rows padding: no KV written, no expert chosen
-        self.graph.replay()  # the first launch uploads the graph: at start-up, not in a user's first step
+        self.inp = MicroBatchInput(self.token_ids_T, meta, torch.zeros(0, dtype=torch.int64, device=device))
 
-    def run(self, inp: MicroBatchInput) -> torch.Tensor:
+    def before_capture(self) -> None:
+        self.inp.meta.rope = None  # recomputed inside the graph from the static positions
+
+    def all_padding(self) -> None:
+        """Every row padding (the warm replay at capture: no KV written, no expert chosen)."""
+        self.num_valid_1.fill_(0)
+
+    def load(self, inp: MicroBatchInput) -> None:
         b, m = inp.num_tokens, inp.meta.block_tables_BM.shape[1]
         self.token_ids_T[:b].copy_(inp.token_ids_T)
         self.positions_T[:b].copy_(inp.meta.positions_T)
@@ -53,15 +67,31 @@ class _Graph:
         self.tables_BM[:b, :m].copy_(inp.meta.block_tables_BM)
         self.ctx_B[:b].copy_(inp.meta.ctx_lens_B)
         self.num_valid_1.fill_(b)
-        self.graph.replay()
-        self._reset_padding(b)
-        return self.out_BD[:b]
 
-    def _reset_padding(self, b: int) -> None:
+    def reset_padding(self, b: int) -> None:
         """Rows past ``b`` must stay harmless for the next replay of a smaller batch."""
         self.slots_T[b:].fill_(-1)
         self.ctx_B[b:].fill_(1)
         self.tables_BM[b:].zero_()
+
+
+class _Graph:
+    def __init__(self, executor: SerialExecutor, batch: int, max_blocks: int, max_ctx: int, device, pool=None):
+        self.static = _StaticBatch(batch, max_blocks, max_ctx, device)
+        executor.forward(self.static.inp)  # compile and warm up outside the capture
+        torch.cuda.synchronize()
+        self.static.before_capture()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out_BD = executor.forward(self.static.inp)
+        self.static.all_padding()
+        self.graph.replay()  # the first launch uploads the graph: at start-up, not in a user's first step
+
+    def run(self, inp: MicroBatchInput) -> torch.Tensor:
+        self.static.load(inp)
+        self.graph.replay()
+        self.static.reset_padding(inp.num_tokens)
+        return self.out_BD[:inp.num_tokens]
 
 
 class GraphedExecutor:
@@ -80,9 +110,110 @@ class GraphedExecutor:
     def run(self, inputs: list[MicroBatchInput]) -> list[torch.Tensor]:
         if len(inputs) == 1 and inputs[0].meta.decode_only and 0 < inputs[0].num_tokens <= max(self.graphs):
             inp = inputs[0]
-            bucket = min(b for b in self.graphs if b >= inp.num_tokens)
-            return [self.graphs[bucket].run(inp)]
+            return [self.graphs[bucket_of(inp.num_tokens, self.graphs)].run(inp)]
         return self.executor.run(inputs)
 
     def forward(self, inp: MicroBatchInput) -> torch.Tensor:
         return self.executor.forward(inp)
+
+
+# -- disaggregated -------------------------------------------------------------------------------
+
+class PipelineGraphs:
+    """Attention leader of a disaggregated deployment (TP 1, shared-slot transport): a decode
+    step whose ``m`` micro-batches all fit a bucket pads each to that bucket (the expert groups
+    are told the padded sizes) and replays the step's graph. ``executor`` stays the owner of
+    the placement, the transport and the load counts; after it gets a new placement, call
+    ``capture`` again (the expert side recaptures in the same step)."""
+
+    def __init__(self, executor, max_batch: int, max_model_len: int, block_size: int):
+        self.executor, self.sizes = executor, buckets(max_batch)
+        self.max_blocks, self.max_ctx = -(-max_model_len // block_size), max_model_len
+        self.device = executor.attn.embed_VD.device
+        self.capture()
+
+    def capture(self) -> None:
+        ex, m = self.executor, self.executor.m
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[_StaticBatch], list[torch.Tensor]]] = {}
+        torch.cuda.synchronize()  # the old graphs' memory may go
+        layers = range(ex.attn.cfg.num_layers)
+        self._tables = [ex.placement.for_layer(layer).device_tables(self.device) for layer in layers]
+        pool = None
+        for b in sorted(self.sizes, reverse=True):
+            statics = [_StaticBatch(b, self.max_blocks, self.max_ctx, self.device) for _ in range(m)]
+            inputs = [s.inp for s in statics]
+            ex.run(inputs)  # a real step: compiles, and the expert side takes its warm-up step
+            torch.cuda.synchronize()
+            for s in statics:
+                s.before_capture()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                outs = ex.run_ops(inputs, timed=False)
+            for s in statics:
+                s.all_padding()
+            ex.begin_step([b] * m)
+            graph.replay()  # uploads the graph; the expert side replays its own
+            self.graphs[b] = (graph, statics, outs)
+            pool = graph.pool()
+        torch.cuda.synchronize()
+        ex.check_transport()
+
+    def run(self, inputs: list[MicroBatchInput]) -> list[torch.Tensor]:
+        b = None
+        if all(inp.meta.decode_only for inp in inputs):
+            b = bucket_of(max(inp.num_tokens for inp in inputs), self.sizes)
+        if not b or len(inputs) != self.executor.m:  # b == 0: every micro-batch empty
+            return self.executor.run(inputs)
+        graph, statics, outs = self.graphs[b]
+        for s, inp in zip(statics, inputs):
+            s.load(inp)
+        self.executor.begin_step([b] * len(inputs))
+        graph.replay()
+        for s, inp in zip(statics, inputs):
+            s.reset_padding(inp.num_tokens)
+        return [out[:inp.num_tokens] for out, inp in zip(outs, inputs)]
+
+
+class ExpertGraphs:
+    """Expert leader of a disaggregated deployment (TP 1, shared-slot transport): a step whose
+    announced micro-batches all fit a bucket replays the graph that processes that many rows
+    per sender and micro-batch (rows past a sender's count carry id -1; the GPU checks every
+    count against the announced size). After the executor gets new experts, call ``capture``
+    again (the attention side recaptures in the same step)."""
+
+    def __init__(self, executor, max_batch: int):
+        self.executor, self.sizes = executor, buckets(max_batch)
+        self.capture()
+
+    def capture(self) -> None:
+        ex = self.executor
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        torch.cuda.synchronize()
+        pool = None
+        for b in sorted(self.sizes, reverse=True):
+            ex.step()  # the attention side's warm-up step
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            ex.transport.expect_at_most(b)
+            with torch.cuda.graph(graph, pool=pool):
+                ex.run_ops(timed=False)
+            self._replay(b, graph)  # the attention side's warm replay
+            self.graphs[b] = graph
+            pool = graph.pool()
+        torch.cuda.synchronize()
+        ex.transport.check()
+
+    def step(self) -> None:
+        announced = self.executor.begin_step()
+        b = bucket_of(max(max(sizes) for sizes in announced), self.sizes)
+        if not b:
+            self.executor.run_ops()
+            return
+        self.graphs[b].replay()
+
+    def _replay(self, b: int, graph: torch.cuda.CUDAGraph) -> None:
+        announced = self.executor.begin_step()
+        if max(max(sizes) for sizes in announced) > b:
+            raise RuntimeError(f"expert graph capture: the attention side announced {announced}, more than the "
+                               f"bucket of {b} rows being captured (the two sides capture different buckets)")
+        graph.replay()

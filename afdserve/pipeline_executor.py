@@ -44,8 +44,10 @@ class AttnPipelineExecutor:
         self.timer = op_timing.timer(attn.embed_VD.device)  # benchmarks only (AFDSERVE_OP_TIMING)
 
     def take_load(self) -> torch.Tensor:
-        """The load counted since the previous call (and reset it)."""
-        load, self.load_LE = self.load_LE, torch.zeros_like(self.load_LE)
+        """The load counted since the previous call (and reset it, in place: a CUDA graph
+        counts into this tensor)."""
+        load = self.load_LE.clone()
+        self.load_LE.zero_()
         return load
 
     def run(self, inputs: list | None) -> list[torch.Tensor]:
@@ -55,11 +57,19 @@ class AttnPipelineExecutor:
             inputs = self.inputs_broadcast(inputs)
         if len(inputs) != self.m:
             raise ValueError(f"expected {self.m} micro-batches, got {len(inputs)}")
-        states = [_MicroBatchState(inp) for inp in inputs]
+        self.begin_step([inp.token_ids_T.shape[0] for inp in inputs])
+        return self.run_ops(inputs)
+
+    def begin_step(self, sizes: list[int]) -> None:
+        """Tell the expert groups this step's micro-batch sizes (the most rows each may get)."""
         if self.transport is not None:
-            self.transport.begin_step([inp.token_ids_T.shape[0] for inp in inputs])
+            self.transport.begin_step(sizes)
+
+    def run_ops(self, inputs: list, timed: bool = True) -> list[torch.Tensor]:
+        """The step's ops after ``begin_step`` (what a CUDA graph captures, untimed)."""
+        states = [_MicroBatchState(inp) for inp in inputs]
         waited_before = self.timing["combine_seconds"][0]
-        timer = self.timer
+        timer = self.timer if timed else None
         if timer:
             timer.begin_step()
         for op in self.schedule:
@@ -101,9 +111,9 @@ class AttnPipelineExecutor:
         _add(self.timing["dispatch_seconds"], time.perf_counter() - t0)
 
     def _count_load(self, layer: int, out: AttnHalfOut) -> None:
-        """Count the layer's routed pairs per expert (no host sync)."""
+        """Count the layer's routed pairs per expert (no host sync; ids of -1, padding, count 0)."""
         flat = out.topk_ids_TK.flatten()
-        self.load_LE[layer].index_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
+        self.load_LE[layer].index_add_(0, flat.clamp(min=0), (flat >= 0).to(torch.int64))
 
     def _route(self, layer: int, out: AttnHalfOut):
         """Count the layer's routed pairs and split the rows per expert group."""
@@ -137,9 +147,16 @@ class ExpertPipelineExecutor:
         self.timer = op_timing.timer(device)  # benchmarks only (AFDSERVE_OP_TIMING)
 
     def step(self) -> None:
-        received, replies, timer, rows_in = {}, [], self.timer, 0
-        if self.transport is not None:
-            self.transport.begin_step()
+        self.begin_step()
+        self.run_ops()
+
+    def begin_step(self) -> list[list[int]] | None:
+        """The step's announced micro-batch sizes, ``[mb][attention group]`` (None off the leader)."""
+        return self.transport.begin_step() if self.transport is not None else None
+
+    def run_ops(self, timed: bool = True) -> None:
+        """The step's ops after ``begin_step`` (what a CUDA graph captures, untimed)."""
+        received, replies, timer, rows_in = {}, [], self.timer if timed else None, 0
         if timer:
             timer.begin_step()
         for op in self.schedule:
@@ -163,7 +180,6 @@ class ExpertPipelineExecutor:
             self.transport.reply_wait(handle)
         if timer:
             timer.end_step(rows_in)
-
 
 
 def expert_rows(experts: ExpertModel, layer: int, rows: list) -> list[torch.Tensor]:

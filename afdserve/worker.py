@@ -15,6 +15,8 @@ Attention-group leaders talk to the frontend (``LLM`` or the API server) over a
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,8 +52,8 @@ def worker_main(rank: int, world_size: int, init_method: str, spec: WorkerSpec) 
     from afdserve.expert.worker import ExpertWorker
 
     topo = spec.topology
-    backend = "nccl" if spec.config.device.startswith("cuda") else "gloo"
-    groups = init_distributed(topo, rank, backend, init_method, spec.timeout_s)
+    backend, device = _backend(spec.config.device, world_size, rank)
+    groups = init_distributed(topo, rank, backend, init_method, spec.timeout_s, device)
     torch.manual_seed(spec.config.seed)
     if spec.config.device == "cpu":
         torch.set_num_threads(1)  # many ranks share the cores
@@ -91,6 +93,32 @@ class StepSync:
         elif self.pending is not None and not flags[3]:
             out.switch_to, self.pending = self.pending, None
         return out
+
+
+def _backend(device: str, world_size: int, rank: int) -> tuple[str, str | None]:
+    """(torch.distributed backend, device) of a rank: NCCL on CUDA, unless more ranks run on
+    this host than it has GPUs (NCCL refuses two ranks on one GPU): then Gloo, which carries
+    the few tensor collectives through the host (for development and tests on one GPU)."""
+    if not device.startswith("cuda"):
+        return "gloo", None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if local <= torch.cuda.device_count():
+        return "nccl", None
+    if rank == 0:
+        print(f"afdserve: {local} ranks share {torch.cuda.device_count()} GPU(s); NCCL cannot run two ranks on one "
+              "GPU, so tensor collectives go through Gloo (slow: for development and tests)", file=sys.stderr)
+    return "gloo", "cuda"
+
+
+def step_graphs_enabled(cfg: EngineConfig, topo: Topology, transport) -> bool:
+    """Whether both sides run whole decode steps as CUDA graphs: on CUDA, unless
+    ``enforce_eager``, with the shared-slot transport (every hot-path call on the GPU) and TP 1
+    on both sides. Every leader decides alike (the transport choice is agreed), since the two
+    sides capture together."""
+    from afdserve.transport.slots import SlotTransport
+
+    return (cfg.device.startswith("cuda") and not cfg.enforce_eager and topo.tp_a == 1 and topo.tp_e == 1
+            and isinstance(transport, SlotTransport) and not topo.colocated)
 
 
 def tp_all_reduce(group):

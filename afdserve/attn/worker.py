@@ -29,6 +29,7 @@ from afdserve.worker import (
     broadcast_object,
     broadcast_tensor,
     connect,
+    step_graphs_enabled,
     tp_all_reduce,
 )
 
@@ -56,6 +57,12 @@ class AttnWorker:
                                torch_dtype(cfg.dtype), cfg.device)
         m = cfg.parallel.micro_batches
         self.executor = self._make_executor(spec, topo, groups, rank, kv)
+        self.graphs = None  # whole decode steps in CUDA graphs (captured with the expert side's)
+        if step_graphs_enabled(cfg, topo, self.executor.transport):
+            from afdserve.cuda_graphs import PipelineGraphs
+
+            self.graphs = PipelineGraphs(self.executor, cfg.scheduler.max_num_seqs, cfg.max_model_len,
+                                         cfg.cache.block_size)
         self.sync = StepSync(topo, rank)
         self.engine, self.conn = None, None
         if self.leader:
@@ -63,11 +70,13 @@ class AttnWorker:
             sched = Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, blocks,
                               cfg.cache.block_size, micro_batches=m,
                               skip_prefill=cfg.scheduler.benchmark_skip_prefill)
-            self.engine = Engine(self.attn, self.executor, sched, cfg.max_model_len, tokenizer,
+            self.engine = Engine(self.attn, self.graphs or self.executor, sched, cfg.max_model_len, tokenizer,
                                  eos_token_ids(cfg.model, mc, tokenizer), device=cfg.device,
                                  seed=cfg.seed + self.role.group)
             self.conn = connect(spec.frontend_address, spec.authkey, spec.timeout_s)
-            self.conn.send(("hello", self.role.group, {"num_blocks": blocks, "block_size": cfg.cache.block_size}))
+            graphs = sorted(self.graphs.graphs) if self.graphs is not None else []
+            self.conn.send(("hello", self.role.group, {"num_blocks": blocks, "block_size": cfg.cache.block_size,
+                                                       "cuda_graph_buckets": graphs}))
 
     def _load_more(self, spec: WorkerSpec, rank: int) -> None:
         """Weights this rank holds besides attention (none here)."""
@@ -97,6 +106,8 @@ class AttnWorker:
                 return
             if step.switch_to is not None:
                 self.executor.placement = step.switch_to
+                if self.graphs is not None:  # the captured steps read the old placement's tables
+                    self.graphs.capture()
                 if self.leader:
                     self.conn.send(("placement_applied", step.switch_to.version))
             if not step.any_work:

@@ -62,9 +62,16 @@ class ExpertPlacement:
         return self
 
     def assign(self, topk_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(group_TK, slot_TK) of each routed (token, choice)."""
-        home_TK2 = self.lookup_E2(topk_ids_TK.device)[topk_ids_TK.long()]
-        return home_TK2[..., 0], home_TK2[..., 1]
+        """(group_TK, slot_TK) of each routed (token, choice); -1 for both where the id is -1
+        (a padding row of a CUDA graph chose no expert)."""
+        ids = topk_ids_TK.long()
+        home_TK2 = self.lookup_E2(topk_ids_TK.device)[ids.clamp(min=0)]
+        return _none_where_unrouted(ids, home_TK2[..., 0], home_TK2[..., 1])
+
+    def device_tables(self, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+        """The tables ``assign`` reads on ``device`` (a CUDA graph that captured ``assign``
+        holds their addresses: its owner keeps them alive)."""
+        return (self.lookup_E2(device),)
 
     def lookup_E2(self, device: torch.device | str) -> torch.Tensor:
         """int64 [E, 2] table of (group, slot) per expert on ``device``, built once per device."""
@@ -129,15 +136,21 @@ class ReplicaPlacement:
         return [e for e in row if e >= 0]
 
     def assign(self, topk_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(group_TK, slot_TK): each pair's replica, chosen by its share."""
+        """(group_TK, slot_TK): each pair's replica, chosen by its share (-1 where the id is -1)."""
         phys_ER, cum_ER = _replica_tables(self, str(topk_ids_TK.device))
         t, k = topk_ids_TK.shape
         idx_TK = torch.arange(t * k, device=topk_ids_TK.device).view(t, k) + 1
         u_TK = torch.frac(idx_TK.double() * _GOLDEN)
         ids = topk_ids_TK.long()
-        j_TK = (u_TK[..., None] >= cum_ER[ids]).sum(-1).clamp(max=phys_ER.shape[1] - 1)
-        phys_TK = torch.gather(phys_ER[ids], -1, j_TK[..., None])[..., 0]
-        return phys_TK // self.slots_per_group, phys_TK % self.slots_per_group
+        known = ids.clamp(min=0)
+        j_TK = (u_TK[..., None] >= cum_ER[known]).sum(-1).clamp(max=phys_ER.shape[1] - 1)
+        phys_TK = torch.gather(phys_ER[known], -1, j_TK[..., None])[..., 0]
+        return _none_where_unrouted(ids, phys_TK // self.slots_per_group, phys_TK % self.slots_per_group)
+
+    def device_tables(self, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+        """The tables ``assign`` reads on ``device`` (a CUDA graph that captured ``assign``
+        holds their addresses: its owner keeps them alive)."""
+        return _replica_tables(self, str(device))
 
 
 @dataclass(frozen=True)
@@ -160,6 +173,12 @@ class LayeredPlacement:
         slots = phy2log_LP.shape[1] // num_groups
         return LayeredPlacement(tuple(ReplicaPlacement(num_groups, slots, tuple(p.tolist()), tuple(s.tolist()))
                                       for p, s in zip(phy2log_LP, share_LP)), version)
+
+
+def _none_where_unrouted(ids_TK: torch.Tensor, group_TK: torch.Tensor, slot_TK: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    none_TK = ids_TK < 0
+    return group_TK.masked_fill(none_TK, -1), slot_TK.masked_fill(none_TK, -1)
 
 
 # Per-device lookup tables, cached by placement (frozen, hashable) and device. Placements

@@ -14,7 +14,14 @@ from afdserve.pipeline_executor import ExpertPipelineExecutor
 from afdserve.transport.base import Rows
 from afdserve.transport.select import make_transport
 from afdserve.transport.topology import Topology
-from afdserve.worker import IDLE_SLEEP_S, StepSync, WorkerSpec, broadcast_object, tp_all_reduce
+from afdserve.worker import (
+    IDLE_SLEEP_S,
+    StepSync,
+    WorkerSpec,
+    broadcast_object,
+    step_graphs_enabled,
+    tp_all_reduce,
+)
 
 
 class ExpertWorker:
@@ -37,6 +44,11 @@ class ExpertWorker:
             bcast = lambda rows: broadcast_object(_own(rows), src, tp_group)  # noqa: E731
         self.executor = ExpertPipelineExecutor(experts, transport, mc.num_layers, cfg.parallel.micro_batches, bcast,
                                                device=cfg.device)
+        self.graphs = None  # whole steps in CUDA graphs (captured with the attention side's)
+        if step_graphs_enabled(cfg, topo, transport):
+            from afdserve.cuda_graphs import ExpertGraphs
+
+            self.graphs = ExpertGraphs(self.executor, cfg.scheduler.max_num_seqs)
         self.loader: threading.Thread | None = None
         self.next_experts: ExpertModel | None = None
         self.sync = StepSync(topo, rank, loading=lambda: self.loader is not None and self.loader.is_alive())
@@ -69,10 +81,12 @@ class ExpertWorker:
                 if self.next_experts is None:
                     raise RuntimeError(f"expert group {self.role.group}: loading the new placement failed")
                 self.executor.experts, self.next_experts, self.loader = self.next_experts, None, None
+                if self.graphs is not None:  # the captured steps read the old experts' weights
+                    self.graphs.capture()
             if not step.any_work:
                 time.sleep(IDLE_SLEEP_S)
                 continue
-            self.executor.step()
+            (self.graphs or self.executor).step()
 
 
 def _own(rows: list[Rows] | None) -> list[Rows] | None:

@@ -63,7 +63,8 @@ def init_distributed(topology: Topology, rank: int, backend: str = "gloo", init_
 
     ``init_method``: ``"env://"`` (torchrun: MASTER_ADDR/MASTER_PORT from the environment) or
     ``"tcp://host:port"``. ``timeout_s`` applies to every group. For NCCL, ``device`` defaults
-    to ``cuda:$LOCAL_RANK`` (or rank modulo the visible GPUs) and becomes the current device.
+    to ``cuda:$LOCAL_RANK`` (or rank modulo the visible GPUs), as does ``device="cuda"`` with
+    Gloo (ranks sharing a GPU, which NCCL refuses); it becomes the current device.
     Ends with an all-reduce over every rank: it checks the wiring and makes the first NCCL
     call a collective, as batched P2P on NCCL requires.
     """
@@ -91,11 +92,12 @@ def init_distributed(topology: Topology, rank: int, backend: str = "gloo", init_
 
 
 def _device(backend: str, rank: int, device: torch.device | str | None) -> torch.device:
-    if backend != "nccl":
-        return torch.device(device if device is not None else "cpu")
-    if device is None:
+    if device is None and backend != "nccl":
+        return torch.device("cpu")
+    if device is None or str(device) == "cuda":
         local = os.environ.get("LOCAL_RANK")
         device = f"cuda:{int(local) if local is not None else rank % torch.cuda.device_count()}"
     dev = torch.device(device)
-    torch.cuda.set_device(dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     return dev

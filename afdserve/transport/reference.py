@@ -38,7 +38,7 @@ def route(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.Tensor
           placement: ExpertPlacement | ReplicaPlacement) -> tuple[list[Rows], RouteHandle]:
     """Permute tokens into one message per expert group (A2E dispatch preparation).
 
-    Parameters: x_TD hidden states; topk_ids_TK global expert ids (any int dtype, in [0, E));
+    Parameters: x_TD hidden states; topk_ids_TK global expert ids (any int dtype, in [0, E), or -1: no expert);
     ``placement`` is one layer's (``for_layer``): it picks each pair's group and local slot.
     topk_w_TK router weights. Returns (sends, handle): sends[g] holds, in token order, the
     tokens with at least one of their top-k experts on group g: x_ND, ids_NK = local slot on
@@ -50,8 +50,7 @@ def route(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.Tensor
         rows_T = torch.arange(num_tokens, device=x_TD.device)
         sends = [Rows(x_TD, slot_TK.to(torch.int32), topk_w_TK.float())]
         return sends, RouteHandle(rows_T, (num_tokens,), (rows_T,))
-    on_TG = torch.zeros(num_tokens, num_groups, dtype=torch.bool, device=x_TD.device)
-    on_TG.scatter_(1, group_TK, True)
+    on_TG = on_groups(group_TK, num_groups)
     group_R, token_R = on_TG.t().nonzero(as_tuple=True)  # row-major over [G, T]: group, then token
     here_RK = group_TK[token_R] == group_R[:, None]
     ids_RK = torch.where(here_RK, slot_TK[token_R], -1).to(torch.int32)
@@ -66,6 +65,12 @@ def route(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.Tensor
     handle = RouteHandle(token_R, tuple(counts), tuple(torch.split(order_R, pass_counts)))
     sends = [Rows(x, i, w) for x, i, w in zip(x_RD.split(counts), ids_RK.split(counts), w_RK.split(counts))]
     return sends, handle
+
+
+def on_groups(group_TK: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """bool [T, G]: whether token t has a choice on group g (a group of -1, a padding row's,
+    is none)."""
+    return (group_TK[:, :, None] == torch.arange(num_groups, device=group_TK.device)).any(1)
 
 
 def unroute(partials: Sequence[torch.Tensor], handle: RouteHandle, num_tokens: int) -> torch.Tensor:

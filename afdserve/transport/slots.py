@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from afdserve.transport.base import CapacityError, Rows
+from afdserve.transport.reference import on_groups
 from afdserve.transport.topology import Topology
 
 ERRORS = {1: "no message arrived within the timeout", 2: "the row count {v} is past what was expected",
@@ -226,9 +227,10 @@ class SlotTransport:
 
     # -- per step ---------------------------------------------------------------------------
 
-    def begin_step(self, sizes: list[int] | None = None) -> None:
+    def begin_step(self, sizes: list[int] | None = None) -> list[list[int]] | None:
         """Start of a global step (after ``check``): the attention leader sends its micro-batch
-        sizes (``sizes``, one per slot) to every expert leader; an expert leader receives them."""
+        sizes (``sizes``, one per slot) to every expert leader; an expert leader receives them
+        and returns them, ``[slot][attention group]``."""
         self.check()
         if self.side == "attn":
             if sizes is None or len(sizes) != self.slots:
@@ -254,6 +256,14 @@ class SlotTransport:
             staged = got.t().to(torch.int32).contiguous().pin_memory()
             self._bound_dev.copy_(staged, non_blocking=True)
             self._staged = staged
+        return self._bounds
+
+    def expect_at_most(self, rows: int) -> None:
+        """Expert side: take ``rows`` rows from every sender in every slot in the calls that
+        follow (a CUDA graph captured for that many; each sender's count is still checked on
+        the GPU against the sizes announced in the step it replays in)."""
+        self._expect_side("expert", "expect_at_most")
+        self._bounds = [[rows] * len(self.peers) for _ in range(self.slots)]
 
     def check(self) -> None:
         """Raise ``SlotTransportError`` for an error the GPU recorded (synchronises the stream)."""
@@ -284,8 +294,7 @@ class SlotTransport:
         group_TK, slot_TK = placement.assign(topk_ids_TK)
         h = SlotHandle(layer, mb, num_tokens)
         if len(self.peers) > 1:
-            h.on_TG = torch.zeros(num_tokens, len(self.peers), dtype=torch.bool, device=x_TD.device)
-            h.on_TG.scatter_(1, group_TK, True)
+            h.on_TG = on_groups(group_TK, len(self.peers))
             h.pos_TG = h.on_TG.cumsum(0, dtype=torch.int32) - 1
         w_TK = topk_w_TK.float()
         if self.cuda:

@@ -53,3 +53,14 @@ def test_layered_placement_from_tensors():
     assert lp.version == 3 and lp.num_groups == 2
     assert lp.for_layer(0).experts_of_group(1) == [2]
     assert lp.for_layer(1).experts_of_group(1) == [1, 0]
+
+
+def test_padding_rows_have_no_replica():
+    """Rows of id -1 (CUDA-graph padding) get group and slot -1; the real rows before them keep
+    the replicas they get alone (the draw depends on the pair's index only)."""
+    p = _placement()
+    ids = torch.tensor([[0, 3], [1, 0], [-1, -1]])
+    group, slot = p.assign(ids)
+    alone = p.assign(ids[:2])
+    assert torch.equal(group[:2], alone[0]) and torch.equal(slot[:2], alone[1])
+    assert group[2].tolist() == [-1, -1] and slot[2].tolist() == [-1, -1]

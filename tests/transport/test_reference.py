@@ -113,3 +113,22 @@ def test_reference_m2n_transposes():
     assert [[r.num_rows for r in per_e] for per_e in got] == [[1, 3, 5], [2, 0, 6]]
     with pytest.raises(ValueError, match="attention group 1"):
         reference_m2n([[rows(1), rows(1)], [rows(1)]])
+
+
+def test_padding_rows_choose_no_group():
+    """Rows of id -1 (CUDA-graph padding) get group and slot -1 and travel to no group; the
+    real rows route as they would alone."""
+    placement = contiguous_placement(4, 2)
+    ids_TK = torch.tensor([[0, 3], [2, 1], [-1, -1], [-1, -1]])
+    group_TK, slot_TK = placement.assign(ids_TK)
+    assert group_TK.tolist() == [[0, 1], [1, 0], [-1, -1], [-1, -1]]
+    assert slot_TK.tolist() == [[0, 1], [0, 1], [-1, -1], [-1, -1]]
+    x_TD = torch.randn(4, 2)
+    sends, handle = route(x_TD, ids_TK, torch.ones(4, 2), placement)
+    alone, _ = route(x_TD[:2], ids_TK[:2], torch.ones(2, 2), placement)
+    for got, want in zip(sends, alone):
+        assert torch.equal(got.x_ND, want.x_ND) and torch.equal(got.ids_NK, want.ids_NK)
+    y_TD = unroute([r.x_ND for r in sends], handle, 4)
+    assert torch.equal(y_TD[2:], torch.zeros(2, 2))
+    one, _ = route(x_TD, ids_TK, torch.ones(4, 2), contiguous_placement(4, 1))  # one group: every row, ids -1
+    assert one[0].num_rows == 4 and bool((one[0].ids_NK[2:] == -1).all())
