@@ -24,7 +24,9 @@ from benchmarks.gpu_timing import graph_ms  # noqa: E402
 TOKENS = [1, 4, 16, 64, 256, 512, 1024, 2048, 4096]
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps)
 CANDIDATES = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4),
-              (64, 128, 64, 4, 4), (64, 128, 64, 3, 8), (128, 128, 64, 3, 8), (128, 256, 64, 3, 8)]
+              (64, 128, 64, 4, 4), (64, 128, 64, 3, 8), (128, 128, 64, 3, 8), (128, 256, 64, 3, 8),
+              # thin tiles for a few routed rows per expert (decode of a many-expert model)
+              (16, 16, 256, 4, 4), (16, 32, 256, 3, 4), (16, 32, 64, 6, 4), (16, 64, 256, 3, 8), (16, 128, 128, 4, 8)]
 
 
 def as_config(c: tuple[int, ...]) -> dict[str, int]:
@@ -40,12 +42,12 @@ def safe_ms(fn) -> float:
         return float("inf")
 
 
-def tune(name: str) -> list[dict]:
+def tune(name: str, tokens: list[int]) -> list[dict]:
     d, i, e, k = MODELS[name][:4]
     w13_EFD = torch.randn(e, 2 * i, d, device="cuda", dtype=torch.bfloat16) * 0.02
     w2_EDI = torch.randn(e, d, i, device="cuda", dtype=torch.bfloat16) * 0.02
     rows = []
-    for t in TOKENS:
+    for t in tokens:
         x_TD = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)
         disp = dispatch_rows(torch.rand(t, e, device="cuda").topk(k, dim=-1).indices, e)
         act_NI = moe_gemm(x_TD, disp.src_N, w13_EFD, disp.counts_E, gated=True)
@@ -65,8 +67,11 @@ def tune(name: str) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     args = ap.parse_args()
-    rows = [r for name in MODELS for r in tune(name)]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    rows = [r for name in args.models.split(",") for r in tune(name, tokens)]
     with open(os.path.join(args.out, "tune_moe_gemm.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print("model          tokens gemm  best (BM,BN,BK,S,W)      best_ms  default_ms")

@@ -109,15 +109,17 @@ def _num_splits(batch: int, kv_heads: int, max_ctx: int, block_n: int, device: t
 
 def decode_attention(q_BHHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables_BM: torch.Tensor, ctx_lens_B: torch.Tensor, scale: float, max_ctx_len: int,
-                     num_splits: int | None = None) -> torch.Tensor:
-    """One query token per sequence over its paged context: [B, H, Hd]."""
+                     num_splits: int | None = None, config: dict[str, int] | None = None) -> torch.Tensor:
+    """One query token per sequence over its paged context: [B, H, Hd]. ``config`` overrides
+    the tile (BLOCK_N keys per iteration, STAGES, num_warps), for tuning."""
     b, h, hd = q_BHHd.shape
     g, bs = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q_BHHd.stride(2) == 1
     out = torch.empty_like(q_BHHd)
     if b == 0:  # an empty micro-batch (an idle replica still steps)
         return out
-    block_n, hd_pad, qh = 64, triton.next_power_of_2(hd), h // g
+    cfg = {"BLOCK_N": 64, "STAGES": 3, "num_warps": 4} | (config or {})
+    block_n, hd_pad, qh = cfg["BLOCK_N"], triton.next_power_of_2(hd), h // g
     splits = num_splits or _num_splits(b, g, max_ctx_len, block_n, q_BHHd.device)
     assert splits <= MAX_SPLITS
     per_split = triton.cdiv(triton.cdiv(max(max_ctx_len, 1), splits), block_n) * block_n
@@ -127,7 +129,8 @@ def decode_attention(q_BHHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         q_BHHd, k_cache, v_cache, block_tables_BM, ctx_lens_B, out, part, lse, scale * _LOG2E, per_split, splits,
         q_BHHd.stride(0), q_BHHd.stride(1), block_tables_BM.stride(0), *k_cache.stride()[:3],
         out.stride(0), out.stride(1), QH=qh, QH_PAD=max(16, triton.next_power_of_2(qh)), HD=hd, HD_PAD=hd_pad,
-        BS=bs, BLOCK_N=block_n, SPLIT=splits > 1, STAGES=3, DOT_PREC=dot_precision(q_BHHd), num_warps=4)
+        BS=bs, BLOCK_N=block_n, SPLIT=splits > 1, STAGES=cfg["STAGES"], DOT_PREC=dot_precision(q_BHHd),
+        num_warps=cfg["num_warps"])
     if splits > 1:
         _merge_kernel[(b, h)](part, lse, out, h, splits, out.stride(0), out.stride(1), HD=hd, HD_PAD=hd_pad,
                               S_PAD=MAX_SPLITS)
