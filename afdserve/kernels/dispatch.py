@@ -1,10 +1,12 @@
 """Expert-sorted placement of routed rows: which row of the grouped GEMM each (token, k) takes.
 Legend: T tokens, K top-k, E local experts, N = T*K rows (an upper bound on routed rows).
 
-Two launches, no host synchronisation: ``_count_kernel`` builds the per-expert histogram
-with atomics; ``_place_kernel`` gives every chunk of (token, k) pairs a run of rows inside
-each expert's segment (one atomic per expert per chunk) and ranks the chunk's pairs inside
-it with a one-hot prefix sum. Rows of one expert are contiguous; their order inside the
+No host synchronisation. Pairs that fit one chunk (decode: a few tokens) take one launch,
+``_place_one_kernel``: the histogram, its prefix sum and every pair's rank in one program.
+More take three (a zero-fill of the counters, then): ``_count_kernel`` builds the per-expert
+histogram with atomics; ``_place_kernel`` gives every chunk of (token, k) pairs a run of rows
+inside each expert's segment (one atomic per expert per chunk) and ranks the chunk's pairs
+inside it with a one-hot prefix sum. Rows of one expert are contiguous; their order inside the
 segment depends on which chunk reserved first, which changes no result: every row's GEMM is
 independent of its neighbours, and ``combine`` gathers a token's k rows in fixed k order.
 """
@@ -69,16 +71,39 @@ def _place_kernel(ids_ptr, counts_ptr, cursor_ptr, pos_ptr, src_ptr, ends_ptr, n
     tl.store(ends_ptr + e, ends, mask=(e < num_experts) & (tl.program_id(0) == 0))
 
 
+@triton.jit
+def _place_one_kernel(ids_ptr, counts_ptr, pos_ptr, src_ptr, ends_ptr, n, num_experts, top_k,
+                      BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int32)
+    ids = tl.where(ids < num_experts, ids, -1)
+    e = tl.arange(0, E_PAD)
+    hit = (ids[:, None] == e[None, :]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(hit, axis=0) * hit, axis=1) - 1
+    counts = tl.sum(hit, axis=0)
+    ends = tl.cumsum(counts, axis=0)
+    row = tl.sum(hit * (ends - counts)[None, :], axis=1) + rank
+    held = ids >= 0
+    tl.store(pos_ptr + offs, tl.where(held, row, -1), mask=offs < n)
+    tl.store(src_ptr + row, offs // top_k, mask=held & (offs < n))
+    tl.store(counts_ptr + e, counts, mask=e < num_experts)
+    tl.store(ends_ptr + e, ends, mask=e < num_experts)
+
+
 def dispatch_rows(topk_ids_TK: torch.Tensor, num_experts: int) -> ExpertDispatch:
     """Expert-sorted rows of every (token, k) whose id is in [0, num_experts)."""
     t, k = topk_ids_TK.shape
     n, dev = t * k, topk_ids_TK.device
     ids_N = topk_ids_TK.reshape(-1).contiguous()
     block, e_pad = _chunk(num_experts)
-    scratch = torch.zeros(2, e_pad, dtype=torch.int32, device=dev)  # counts, cursors
     pos_TK = torch.empty(t, k, dtype=torch.int32, device=dev)
     src_N = torch.empty(n, dtype=torch.int32, device=dev)
     ends_E = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    if 0 < n <= block:
+        counts_E = torch.empty(num_experts, dtype=torch.int32, device=dev)
+        _place_one_kernel[(1,)](ids_N, counts_E, pos_TK, src_N, ends_E, n, num_experts, k, BLOCK=block, E_PAD=e_pad)
+        return ExpertDispatch(pos_TK, src_N, counts_E, ends_E)
+    scratch = torch.zeros(2, e_pad, dtype=torch.int32, device=dev)  # counts, cursors
     grid = (triton.cdiv(n, block),)
     if n:
         _count_kernel[grid](ids_N, scratch[0], n, num_experts, BLOCK=block, E_PAD=e_pad)

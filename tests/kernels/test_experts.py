@@ -73,7 +73,8 @@ def test_dispatch_rows_places_every_pair(dev):
     """Rows are sorted by expert, each (token, k) held here gets one distinct row."""
     from afdserve.kernels.dispatch import dispatch_rows
     device, _ = dev
-    for tokens, experts, top_k in [(1, 8, 2), (1000, 128, 8), (77, 60, 4)]:
+    # one chunk (one launch): (1, 8, 2), (8, 128, 8), (50, 8, 2); several: (1000, 128, 8), (77, 60, 4)
+    for tokens, experts, top_k in [(1, 8, 2), (8, 128, 8), (50, 8, 2), (1000, 128, 8), (77, 60, 4)]:
         _, ids_TK, _, _, _ = _inputs(tokens, experts, top_k, 8, 8, 0.25, seed=tokens)
         poison(device)
         disp = dispatch_rows(ids_TK.to(device), experts)
