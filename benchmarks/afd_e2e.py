@@ -59,6 +59,7 @@ class Layout:
     n_e: int = 1
     m: int = 1
     transport: str = "auto"  # AFD: "ipc", "p2p" or "auto" (--afd-transport)
+    eager: bool = False  # no CUDA graphs; the multi-process layouts then time every op (AFDSERVE_OP_TIMING)
 
     @property
     def num_gpus(self) -> int:
@@ -66,27 +67,33 @@ class Layout:
 
     def options(self) -> dict:
         if self.layout == "single":
-            return {"layout": "single"}
+            return {"layout": "single", "enforce_eager": self.eager}
         return {"layout": self.layout, "attn_groups": self.n_a, "expert_groups": self.n_e,
-                "micro_batches": self.m, "afd_transport": self.transport}
+                "micro_batches": self.m, "afd_transport": self.transport, "enforce_eager": self.eager}
+
 
 
 def parse_layouts(spec: str) -> list[Layout]:
-    """``afd:1x1:m2,afd:1x1:m2:p2p,colocated:2,single`` -> layouts (afd:<n_a>x<n_e>:m<m>[:ipc|p2p],
-    colocated:<ranks>)."""
+    """``afd:1x1:m2,afd:1x1:m2:p2p,afd:1x1:m2:eager,colocated:2,single`` -> layouts
+    (afd:<n_a>x<n_e>:m<m>[:ipc|p2p][:eager], colocated:<ranks>, single[:eager]; eager: no CUDA
+    graphs, and per-op timing for the multi-process layouts)."""
     out = []
     for item in spec.split(","):
         parts = item.split(":")
+        eager = parts[-1] == "eager"
+        if eager:
+            parts = parts[:-1]
+        tail = " eager" if eager else ""
         if parts[0] == "afd":
             n_a, n_e = (int(x) for x in parts[1].split("x"))
             m = int(parts[2][1:])
             transport = parts[3] if len(parts) > 3 else "auto"
             suffix = "" if transport == "auto" else f" {transport}"
-            out.append(Layout(f"afd {n_a}a+{n_e}e m={m}{suffix}", "afd", n_a, n_e, m, transport))
+            out.append(Layout(f"afd {n_a}a+{n_e}e m={m}{suffix}{tail}", "afd", n_a, n_e, m, transport, eager))
         elif parts[0] == "colocated":
             out.append(Layout(f"colocated x{parts[1]}", "colocated", int(parts[1]), int(parts[1]), 1))
         elif parts[0] == "single":
-            out.append(Layout("single GPU", "single"))
+            out.append(Layout(f"single GPU{tail}", "single", eager=eager))
         else:
             raise ValueError(f"unknown layout {item!r}")
     return out
@@ -125,7 +132,8 @@ def run_layout(model_dir: str, cfg: dict, lay: Layout, batches: list[int], input
                timing_dir: str, device: str) -> list[dict]:
     from afdserve import LLM, SamplingParams
 
-    os.environ["AFDSERVE_OP_TIMING"] = timing_dir
+    if _op_timed(lay, device):
+        os.environ["AFDSERVE_OP_TIMING"] = timing_dir
     seq_len = input_len + output_len + 1
     bmax = max(batches)
     llm = LLM(model_dir, load_format="dummy", device=device, dtype=dtype_name(device), max_num_seqs=bmax,
@@ -158,7 +166,7 @@ def run_layout(model_dir: str, cfg: dict, lay: Layout, batches: list[int], input
             elapsed = time.perf_counter() - t0
             itl = [y - x for t in stamps.values() for x, y in zip(t, t[1:])]
             rows.append({"layout": lay.name, "kind": lay.layout, "n_a": lay.n_a, "n_e": lay.n_e, "m": lay.m,
-                         "transport": _transport(lay, device),
+                         "transport": _transport(lay, device), "eager": lay.eager,
                          "gpus": lay.num_gpus, "b": b, "total_batch": total, "elapsed_s": elapsed,
                          "tok_s": total * output_len / elapsed,
                          "tok_s_per_gpu": total * output_len / elapsed / lay.num_gpus,
@@ -170,7 +178,7 @@ def run_layout(model_dir: str, cfg: dict, lay: Layout, batches: list[int], input
         llm.shutdown()
         del llm
         os.environ.pop("AFDSERVE_OP_TIMING", None)
-    if lay.layout != "single":
+    if _op_timed(lay, device):
         add_op_timing(rows, lay, timing_dir)
     return rows
 
@@ -209,6 +217,14 @@ def add_op_timing(rows: list[dict], lay: Layout, timing_dir: str) -> None:
             row["gpu_busy"] = busy(0, ("attn", "expert"))
 
 
+def _op_timed(lay: Layout, device: str) -> bool:
+    """Per-op timing (CUDA events on GPU): the multi-process layouts' eager steps (a replayed
+    graph has no ops to time; disaggregated steps run as graphs on CUDA with the shared-slot
+    transport unless eager)."""
+    graphed = device == "cuda" and not lay.eager and _transport(lay, device) == "ipc"
+    return lay.layout != "single" and not graphed
+
+
 def _transport(lay: Layout, device: str) -> str | None:
     """The AFD transport a layout runs with ("auto": ipc on one node with CUDA, else p2p)."""
     if lay.layout != "afd":
@@ -242,10 +258,12 @@ def plot_m_sweep(rows: list[dict], path: str, title: str) -> None:
     if not afd:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for b in sorted({r["b"] for r in afd}):
-        pts = sorted((r["m"], r["tok_s_per_gpu"], r.get("pred_tok_s_per_gpu")) for r in afd if r["b"] == b)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"measured, b={b}")
-        if all(p[2] for p in pts):
+    for b, eager in sorted({(r["b"], r.get("eager", False)) for r in afd}):
+        pts = sorted((r["m"], r["tok_s_per_gpu"], r.get("pred_tok_s_per_gpu")) for r in afd
+                     if r["b"] == b and r.get("eager", False) == eager)
+        how = "eager" if eager else "CUDA graphs"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if not eager else "o:", label=f"measured ({how}), b={b}")
+        if not eager and all(p[2] for p in pts):
             ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", label=f"predicted, b={b}")
     ax.set_xlabel("micro-batches m")
     ax.set_ylabel("decode tokens/s per GPU")
@@ -291,7 +309,7 @@ def table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         step, pred = r.get("step_ms"), r.get("pred_step_ms")
-        if step is None:  # single GPU: CUDA-graph steps, no per-op timing; compare the TBT
+        if step is None:  # CUDA-graph steps: no per-op timing; compare the TBT
             step, pred = r["tbt_mean_ms"], r.get("pred_tbt_ms")
         err = f"{100 * (pred - step) / step:+5.0f}%" if step and pred else "    -"
         lines.append(f"{r['layout']:22s} {r['b']:5d} {r['tok_s_per_gpu']:9.0f} {r['tbt_mean_ms']:7.1f} "
@@ -378,7 +396,8 @@ def save_results(args: argparse.Namespace, prof: dict, rows: list[dict]) -> None
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", required=True)
-    ap.add_argument("--layouts", default="afd:1x1:m1,afd:1x1:m2,afd:1x1:m3,afd:1x1:m4,colocated:2,single")
+    ap.add_argument("--layouts", default="afd:1x1:m1,afd:1x1:m2,afd:1x1:m3,afd:1x1:m4,afd:1x1:m1:eager,"
+                                         "afd:1x1:m2:eager,colocated:2,single")
     ap.add_argument("--input-len", type=int, default=571)
     ap.add_argument("--output-len", type=int, default=159)
     ap.add_argument("--batches", default="auto",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 9 on two H200s (NVLink): the shared-slot transport's GPU tests, its transfer benchmark
 # against NCCL (1x1, and 4x4 with two processes per GPU for protocol coverage), and the AFD
-# end-to-end decode over both transports. Stages run in the order given (default: all):
+# end-to-end decode (the shared-slot transport's steps as CUDA graphs and eager; p2p runs eager:
+# add LAYOUTS=afd:1x1:m1:p2p,... for it). Stages run in the order given (default: all):
 #   bash benchmarks/h200_transport.sh tests transfer
 #   LAYOUTS=afd:1x1:m1:ipc,afd:1x1:m1:p2p bash benchmarks/h200_transport.sh e2e
 set -u
@@ -16,7 +17,7 @@ for stage in $STAGES; do
   case $stage in
     tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider tests/transport/test_slots.py \
-        tests/afd/test_gpu_layouts.py -m gpu 2>&1 | tail -15 ;;
+        tests/afd/test_gpu_layouts.py tests/afd/test_gpu_graphs.py -m gpu 2>&1 | tail -15 ;;
     transfer)
       timeout 200 python3 benchmarks/transfer.py --attn 1 --experts 1 --iters 200 \
         --out "$OUT/transfer_ipc_$TAG.json" 2>&1 | tail -80
@@ -26,7 +27,7 @@ for stage in $STAGES; do
       TJ=$OUT/transfer_ipc_$TAG.json
       [ -f "$TJ" ] || TJ=benchmarks/results/transfer_ipc_$TAG.json
       python3 benchmarks/afd_e2e.py --out-dir "$OUT" --tag "$TAG" --transfer-json "$TJ" --batches "${BATCHES:-max}" \
-        --layouts "${LAYOUTS:-afd:1x1:m1:ipc,afd:1x1:m2:ipc,afd:1x1:m3:ipc,afd:1x1:m4:ipc}" 2>&1 \
+        --layouts "${LAYOUTS:-afd:1x1:m1:ipc,afd:1x1:m2:ipc,afd:1x1:m3:ipc,afd:1x1:m4:ipc,afd:1x1:m1:ipc:eager,afd:1x1:m2:ipc:eager}" 2>&1 \
         | grep -v "^{" | tee "$OUT/afd_e2e.log" | tail -40 ;;
   esac
 done

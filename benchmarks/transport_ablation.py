@@ -1,7 +1,7 @@
 """The M2N transport ablation (issue 9, the paper's Fig. 13 analogue) from ``afd_e2e.py`` rows:
-AFD 1 attention + 1 expert GPU at m = 1..4 over the shared-slot transport (ipc) and over
-torch.distributed send/recv (p2p). Merges the rows of one or more runs into one JSON, a PNG
-and a table.
+AFD 1 attention + 1 expert GPU at m = 1..4 over the shared-slot transport (ipc; its steps as
+CUDA graphs, or eager) and over torch.distributed send/recv (p2p, eager). Merges the rows of
+one or more runs into one JSON, a PNG and a table.
 
   python benchmarks/transport_ablation.py --rows RUN1/rows.jsonl RUN2/rows.jsonl \
       --commit C --command "..." --out benchmarks/results/afd_transport_2xH200_571_159
@@ -18,16 +18,25 @@ def load_rows(paths: list[str]) -> list[dict]:
     for path in paths:
         with open(path) as f:
             rows += [json.loads(line) for line in f if line.strip()]
-    return sorted((r for r in rows if r.get("kind") == "afd"), key=lambda r: (r["transport"], r["m"]))
+    return sorted((r for r in rows if r.get("kind") == "afd"), key=lambda r: (variant(r), r["m"]))
+
+
+def variant(r: dict) -> str:
+    """The transport and how the steps ran: the shared-slot transport replays CUDA graphs
+    unless the row is eager (runs before graphs existed have no "eager" field: eager)."""
+    graphs = r["transport"] == "ipc" and r.get("eager") is False
+    return f"{r['transport']} {'graphs' if graphs else 'eager'}"
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'transport':9s} {'m':>2s} {'b':>5s} {'tok/s/GPU':>9s} {'TBT ms':>7s} {'p99':>6s} {'step ms':>7s} "
+    nan = float("nan")
+    lines = [f"{'variant':11s} {'m':>2s} {'b':>5s} {'tok/s/GPU':>9s} {'TBT ms':>7s} {'p99':>6s} {'step ms':>7s} "
              f"{'pred':>6s} {'T_a':>5s} {'T_e':>5s} {'busyA':>5s} {'busyE':>5s}"]
     for r in rows:
-        lines.append(f"{r['transport']:9s} {r['m']:2d} {r['b']:5d} {r['tok_s_per_gpu']:9.0f} {r['tbt_mean_ms']:7.1f} "
-                     f"{r['tbt_p99_ms']:6.1f} {r['step_ms']:7.1f} {r['pred_step_ms']:6.1f} {r['t_a_ms']:5.2f} "
-                     f"{r['t_e_ms']:5.2f} {r['attn_busy']:5.2f} {r['expert_busy']:5.2f}")
+        step = r.get("step_ms", r["tbt_mean_ms"])  # graph steps are not op-timed: the TBT
+        lines.append(f"{variant(r):11s} {r['m']:2d} {r['b']:5d} {r['tok_s_per_gpu']:9.0f} {r['tbt_mean_ms']:7.1f} "
+                     f"{r['tbt_p99_ms']:6.1f} {step:7.1f} {r['pred_step_ms']:6.1f} {r.get('t_a_ms', nan):5.2f} "
+                     f"{r.get('t_e_ms', nan):5.2f} {r.get('attn_busy', nan):5.2f} {r.get('expert_busy', nan):5.2f}")
     return "\n".join(lines)
 
 
@@ -38,13 +47,13 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for transport, marker in (("ipc", "o"), ("p2p", "s")):
-        rs = [r for r in rows if r["transport"] == transport]
+    for name, marker in zip(sorted({variant(r) for r in rows}), "os^v"):
+        rs = [r for r in rows if variant(r) == name]
         ms = [r["m"] for r in rs]
-        a1.plot(ms, [r["tok_s_per_gpu"] for r in rs], marker=marker, label=transport)
-        a2.plot(ms, [r["step_ms"] for r in rs], marker=marker, label=f"{transport} measured")
+        a1.plot(ms, [r["tok_s_per_gpu"] for r in rs], marker=marker, label=name)
+        a2.plot(ms, [r.get("step_ms", r["tbt_mean_ms"]) for r in rs], marker=marker, label=f"{name} measured")
         a2.plot(ms, [r["pred_step_ms"] for r in rs], marker=marker, linestyle=":", alpha=0.5,
-                label=f"{transport} predicted")
+                label=f"{name} predicted")
     a1.set(xlabel="micro-batches m", ylabel="tokens/s per GPU", title=title)
     a2.set(xlabel="micro-batches m", ylabel="executor step (ms)", title="step time, measured and predicted")
     for ax in (a1, a2):

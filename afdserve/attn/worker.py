@@ -29,6 +29,7 @@ from afdserve.worker import (
     broadcast_object,
     broadcast_tensor,
     connect,
+    graph_max_batch,
     step_graphs_enabled,
     tp_all_reduce,
 )
@@ -61,8 +62,7 @@ class AttnWorker:
         if step_graphs_enabled(cfg, topo, self.executor.transport):
             from afdserve.cuda_graphs import PipelineGraphs
 
-            self.graphs = PipelineGraphs(self.executor, cfg.scheduler.max_num_seqs, cfg.max_model_len,
-                                         cfg.cache.block_size)
+            self.graphs = PipelineGraphs(self.executor, graph_max_batch(cfg), cfg.max_model_len, cfg.cache.block_size)
         self.sync = StepSync(topo, rank)
         self.engine, self.conn = None, None
         if self.leader:

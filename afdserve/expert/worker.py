@@ -19,6 +19,7 @@ from afdserve.worker import (
     StepSync,
     WorkerSpec,
     broadcast_object,
+    graph_max_batch,
     step_graphs_enabled,
     tp_all_reduce,
 )
@@ -48,7 +49,7 @@ class ExpertWorker:
         if step_graphs_enabled(cfg, topo, transport):
             from afdserve.cuda_graphs import ExpertGraphs
 
-            self.graphs = ExpertGraphs(self.executor, cfg.scheduler.max_num_seqs)
+            self.graphs = ExpertGraphs(self.executor, graph_max_batch(cfg))
         self.loader: threading.Thread | None = None
         self.next_experts: ExpertModel | None = None
         self.sync = StepSync(topo, rank, loading=lambda: self.loader is not None and self.loader.is_alive())
