@@ -17,10 +17,13 @@ Legend: B padded batch, M blocks per sequence, T tokens, D hidden."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from afdserve.layers.attention import AttnMeta
 from afdserve.runner import MicroBatchInput, SerialExecutor
+from afdserve.transport.groups import STARTUP_TIMEOUT_S
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -39,6 +42,7 @@ class _StaticBatch:
 
     def __init__(self, batch: int, max_blocks: int, max_ctx: int, device):
         i32 = dict(dtype=torch.int32, device=device)
+        self.filled = 0  # rows past the last batch still holding its inputs (reset at the next load)
         self.num_valid_1 = torch.full((1,), batch, **i32)
         self.token_ids_T = torch.zeros(batch, dtype=torch.int64, device=device)
         self.positions_T = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -60,19 +64,20 @@ class _StaticBatch:
         self.num_valid_1.fill_(0)
 
     def load(self, inp: MicroBatchInput) -> None:
+        """Copy ``inp`` into the first rows; rows a larger batch before filled become padding
+        again (else a replay would write their KV slots with a padding row's values)."""
         b, m = inp.num_tokens, inp.meta.block_tables_BM.shape[1]
+        if self.filled > b:
+            self.slots_T[b:self.filled].fill_(-1)
+            self.ctx_B[b:self.filled].fill_(1)
+            self.tables_BM[b:self.filled].zero_()
+        self.filled = b
         self.token_ids_T[:b].copy_(inp.token_ids_T)
         self.positions_T[:b].copy_(inp.meta.positions_T)
         self.slots_T[:b].copy_(inp.meta.slot_mapping_T)
         self.tables_BM[:b, :m].copy_(inp.meta.block_tables_BM)
         self.ctx_B[:b].copy_(inp.meta.ctx_lens_B)
         self.num_valid_1.fill_(b)
-
-    def reset_padding(self, b: int) -> None:
-        """Rows past ``b`` must stay harmless for the next replay of a smaller batch."""
-        self.slots_T[b:].fill_(-1)
-        self.ctx_B[b:].fill_(1)
-        self.tables_BM[b:].zero_()
 
 
 class _Graph:
@@ -90,7 +95,6 @@ class _Graph:
     def run(self, inp: MicroBatchInput) -> torch.Tensor:
         self.static.load(inp)
         self.graph.replay()
-        self.static.reset_padding(inp.num_tokens)
         return self.out_BD[:inp.num_tokens]
 
 
@@ -134,16 +138,19 @@ class PipelineGraphs:
 
     def capture(self) -> None:
         ex, m = self.executor, self.executor.m
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[_StaticBatch], list[torch.Tensor]]] = {}
         torch.cuda.synchronize()  # the old graphs' memory may go
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[_StaticBatch], list[torch.Tensor]]] = {}
         layers = range(ex.attn.cfg.num_layers)
         self._tables = [ex.placement.for_layer(layer).device_tables(self.device) for layer in layers]
+        load_before = ex.load_LE.clone()  # the warm-up steps' routing is no load to balance
         pool = None
         for b in sorted(self.sizes, reverse=True):
             statics = [_StaticBatch(b, self.max_blocks, self.max_ctx, self.device) for _ in range(m)]
             inputs = [s.inp for s in statics]
-            ex.run(inputs)  # a real step: compiles, and the expert side takes its warm-up step
-            torch.cuda.synchronize()
+            with _patient(ex.transport):
+                ex.begin_step([b] * m)  # a real step: compiles, and the expert side takes its warm-up step
+                ex.run_ops(inputs, timed=False)
+                torch.cuda.synchronize()
             for s in statics:
                 s.before_capture()
             graph = torch.cuda.CUDAGraph()
@@ -156,21 +163,20 @@ class PipelineGraphs:
             self.graphs[b] = (graph, statics, outs)
             pool = graph.pool()
         torch.cuda.synchronize()
+        ex.load_LE.copy_(load_before)
         ex.check_transport()
 
     def run(self, inputs: list[MicroBatchInput]) -> list[torch.Tensor]:
-        b = None
-        if all(inp.meta.decode_only for inp in inputs):
+        b = None  # an all-empty step (an idle replica) replays the smallest graph, all padding
+        if len(inputs) == self.executor.m and all(inp.meta.decode_only for inp in inputs):
             b = bucket_of(max(inp.num_tokens for inp in inputs), self.sizes)
-        if not b or len(inputs) != self.executor.m:  # b == 0: every micro-batch empty
+        if b is None:
             return self.executor.run(inputs)
         graph, statics, outs = self.graphs[b]
         for s, inp in zip(statics, inputs):
             s.load(inp)
         self.executor.begin_step([b] * len(inputs))
         graph.replay()
-        for s, inp in zip(statics, inputs):
-            s.reset_padding(inp.num_tokens)
         return [out[:inp.num_tokens] for out, inp in zip(outs, inputs)]
 
 
@@ -187,12 +193,14 @@ class ExpertGraphs:
 
     def capture(self) -> None:
         ex = self.executor
+        torch.cuda.synchronize()  # the old graphs' memory may go
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        torch.cuda.synchronize()
         pool = None
         for b in sorted(self.sizes, reverse=True):
-            ex.step()  # the attention side's warm-up step
-            torch.cuda.synchronize()
+            with _patient(ex.transport):
+                ex.begin_step()  # the attention side's warm-up step
+                ex.run_ops(timed=False)
+                torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             ex.transport.expect_at_most(b)
             with torch.cuda.graph(graph, pool=pool):
@@ -206,7 +214,7 @@ class ExpertGraphs:
     def step(self) -> None:
         announced = self.executor.begin_step()
         b = bucket_of(max(max(sizes) for sizes in announced), self.sizes)
-        if not b:
+        if b is None:  # a prefill or mixed step: more rows than any graph takes
             self.executor.run_ops()
             return
         self.graphs[b].replay()
@@ -217,3 +225,15 @@ class ExpertGraphs:
             raise RuntimeError(f"expert graph capture: the attention side announced {announced}, more than the "
                                f"bucket of {b} rows being captured (the two sides capture different buckets)")
         graph.replay()
+
+
+@contextlib.contextmanager
+def _patient(transport):
+    """The warm-up steps at capture wait for the other side at least ``STARTUP_TIMEOUT_S`` (it
+    may still be compiling its kernels); the captured waits keep the transport's own timeout."""
+    before = transport.timeout_s
+    transport.timeout_s = max(before, STARTUP_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        transport.timeout_s = before

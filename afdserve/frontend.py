@@ -20,6 +20,7 @@ from afdserve.expert.eplb import LoadWindow, initial_placement, placement_for_lo
 from afdserve.kv_cache import blocks_needed
 from afdserve.launcher import Launcher
 from afdserve.tokenizer import load_tokenizer
+from afdserve.transport.groups import STARTUP_TIMEOUT_S
 from afdserve.worker import WorkerSpec, worker_main
 
 
@@ -31,7 +32,7 @@ class AFDFrontend:
     """Use ``AFDFrontend.spawn(cfg)`` on one machine; ``attach`` to workers started by torchrun."""
 
     def __init__(self, cfg: EngineConfig, listener: Listener, launcher: Launcher | None,
-                 start_timeout_s: float = 600.0):
+                 start_timeout_s: float = STARTUP_TIMEOUT_S):
         self.cfg, self.listener, self.launcher = cfg, listener, launcher
         self.tokenizer = load_tokenizer(cfg.model, required=cfg.load_format != "dummy")
         self.max_model_len = cfg.max_model_len

@@ -39,7 +39,8 @@ class AttnPipelineExecutor:
         self.load_LE = torch.zeros(attn.cfg.num_layers, attn.cfg.num_experts, dtype=torch.int64,
                                    device=attn.embed_VD.device)
         # host-side (total seconds, count): issuing dispatches, waiting for combines, and the
-        # per-step sum of those waits (attention idle inside the pipeline: its bubble)
+        # per-step sum of those waits (attention idle inside the pipeline: its bubble); eager
+        # steps only (a replayed graph's waits happen on the GPU)
         self.timing = {"dispatch_seconds": [0.0, 0], "combine_seconds": [0.0, 0], "bubble_seconds": [0.0, 0]}
         self.timer = op_timing.timer(attn.embed_VD.device)  # benchmarks only (AFDSERVE_OP_TIMING)
 
@@ -66,7 +67,8 @@ class AttnPipelineExecutor:
             self.transport.begin_step(sizes)
 
     def run_ops(self, inputs: list, timed: bool = True) -> list[torch.Tensor]:
-        """The step's ops after ``begin_step`` (what a CUDA graph captures, untimed)."""
+        """The step's ops after ``begin_step`` (what a CUDA graph captures: untimed, neither
+        the op timer nor the host-side ``timing``)."""
         states = [_MicroBatchState(inp) for inp in inputs]
         waited_before = self.timing["combine_seconds"][0]
         timer = self.timer if timed else None
@@ -83,13 +85,13 @@ class AttnPipelineExecutor:
                     timer.stop(tok)
             elif op.kind is OpKind.DISPATCH:
                 tok = timer.start("route") if timer else None
-                self._dispatch(op, st)
+                self._dispatch(op, st, timed)
                 if timer:
                     timer.stop(tok)
             elif op.kind is OpKind.COMBINE:
-                st.h_TD = combine(st.out, self._combine_wait(st))
+                st.h_TD = combine(st.out, self._combine_wait(st, timed))
                 st.out = None
-        if self.transport is not None:
+        if self.transport is not None and timed:
             _add(self.timing["bubble_seconds"], self.timing["combine_seconds"][0] - waited_before)
         if timer:
             timer.end_step(sum(inp.token_ids_T.shape[0] for inp in inputs))
@@ -100,7 +102,7 @@ class AttnPipelineExecutor:
         if self.transport is not None:
             self.transport.check()
 
-    def _dispatch(self, op: Op, st: _MicroBatchState) -> None:
+    def _dispatch(self, op: Op, st: _MicroBatchState, timed: bool) -> None:
         if self.transport is None:
             return
         out = st.out
@@ -108,7 +110,8 @@ class AttnPipelineExecutor:
         t0 = time.perf_counter()
         st.handle = self.transport.dispatch_tokens(op.layer, op.mb, out.x_TD, out.topk_ids_TK, out.topk_w_TK,
                                                    self.placement.for_layer(op.layer))
-        _add(self.timing["dispatch_seconds"], time.perf_counter() - t0)
+        if timed:
+            _add(self.timing["dispatch_seconds"], time.perf_counter() - t0)
 
     def _count_load(self, layer: int, out: AttnHalfOut) -> None:
         """Count the layer's routed pairs per expert (no host sync; ids of -1, padding, count 0)."""
@@ -120,12 +123,13 @@ class AttnPipelineExecutor:
         self._count_load(layer, out)
         return route(out.x_TD, out.topk_ids_TK, out.topk_w_TK, self.placement.for_layer(layer))
 
-    def _combine_wait(self, st: _MicroBatchState) -> torch.Tensor:
+    def _combine_wait(self, st: _MicroBatchState, timed: bool) -> torch.Tensor:
         y_TD = None
         if self.transport is not None:
             t0 = time.perf_counter()
             y_TD = self.transport.combine_tokens(st.handle)
-            _add(self.timing["combine_seconds"], time.perf_counter() - t0)
+            if timed:
+                _add(self.timing["combine_seconds"], time.perf_counter() - t0)
         if self.tp_broadcast is not None:
             y_TD = self.tp_broadcast(y_TD, st.out.x_TD)
         return y_TD

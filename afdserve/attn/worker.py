@@ -57,6 +57,7 @@ class AttnWorker:
         kv = allocate_kv_cache(mc.num_layers, blocks, cfg.cache.block_size, kv_heads, mc.head_dim,
                                torch_dtype(cfg.dtype), cfg.device)
         m = cfg.parallel.micro_batches
+        groups.wait_for_all()  # every rank has loaded its weights: the transport's set-up may start
         self.executor = self._make_executor(spec, topo, groups, rank, kv)
         self.graphs = None  # whole decode steps in CUDA graphs (captured with the expert side's)
         if step_graphs_enabled(cfg, topo, self.executor.transport):

@@ -35,6 +35,7 @@ class ExpertWorker:
         with load_progress(mc.num_layers, "loading expert weights", first) as bar:
             experts = self._load(initial_placement(cfg), on_layer=lambda: bar.update(1))
         transport = None
+        groups.wait_for_all()  # every rank has loaded its weights: the transport's set-up may start
         if self.role.tp_rank == 0:
             transport = make_transport(cfg.parallel.afd_transport, groups, rank, mc.hidden_size, mc.top_k,
                                        torch_dtype(cfg.dtype), cfg.scheduler.max_num_batched_tokens,

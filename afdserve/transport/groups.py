@@ -4,8 +4,11 @@ or expert group, and two groups of the group leaders for the M2N transport, one 
 never queue behind the rows of micro-batch i+1).
 
 Every rank creates every subgroup, in the same order (attention groups 0..n_a-1, expert groups
-0..n_e-1, then A2E and E2A), as torch.distributed requires; each has the same timeout as the
-world group, so a dead peer turns into an error on the survivors instead of a hang.
+0..n_e-1, then A2E and E2A, then the start-up group), as torch.distributed requires; each has
+the same timeout as the world group, so a dead peer turns into an error on the survivors
+instead of a hang, except the start-up group: ranks meet there once their weights are loaded,
+which may take longer (``STARTUP_TIMEOUT_S``; a rank that dies meanwhile is caught by the
+launcher or torchrun, which stop the others).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from afdserve.transport.topology import RankRole, Topology
+
+STARTUP_TIMEOUT_S = 600.0  # ranks wait this long for each other to load their weights (also the frontend's)
 
 
 @dataclass
@@ -34,6 +39,13 @@ class Groups:
     expert_tp: list[dist.ProcessGroup]
     a2e: dist.ProcessGroup  # every group leader; only leaders may use it
     e2a: dist.ProcessGroup
+    startup: dist.ProcessGroup | None = None  # every rank, Gloo, the long start-up timeout
+
+    def wait_for_all(self) -> None:
+        """Meet every rank once its weights are loaded (before the first collective with the
+        other side): loading may take longer than the groups' timeout, this wait may not."""
+        if self.startup is not None:
+            dist.barrier(group=self.startup)
 
     @property
     def role(self) -> RankRole:
@@ -83,12 +95,14 @@ def init_distributed(topology: Topology, rank: int, backend: str = "gloo", init_
     attn = [dist.new_group(topology.attn_group_ranks(g), timeout=timeout) for g in range(topology.n_a)]
     expert = [dist.new_group(topology.expert_group_ranks(g), timeout=timeout) for g in range(topology.n_e)]
     a2e, e2a = (dist.new_group(topology.leaders, timeout=timeout) for _ in range(2))
+    startup = dist.new_group(list(range(topology.world_size)), backend="gloo",
+                             timeout=timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)))
     check_T = torch.ones(1, device=dev)
     dist.all_reduce(check_T)
     if int(check_T.item()) != topology.world_size:
         raise RuntimeError(f"{topology.describe(rank)}: world all-reduce gave {check_T.item()}, "
                            f"expected {topology.world_size}")
-    return Groups(topology, rank, backend, dev, attn, expert, a2e, e2a)
+    return Groups(topology, rank, backend, dev, attn, expert, a2e, e2a, startup)
 
 
 def _device(backend: str, rank: int, device: torch.device | str | None) -> torch.device:

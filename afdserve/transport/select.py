@@ -17,17 +17,22 @@ from afdserve.transport.torch_p2p import TorchP2PTransport
 
 def choose_transport(kind: str, groups: Groups) -> str:
     """"ipc" or "p2p" for ``kind`` ("auto", "ipc", "p2p"). "auto" takes "ipc" when every leader
-    runs on CUDA on one host and each of their GPUs can access the others' memory (P2P)."""
+    runs on CUDA on one host and each of their GPUs can access the others' memory (P2P). GPUs
+    are named by UUID, so processes that see different CUDA_VISIBLE_DEVICES still agree."""
     if kind != "auto":
         return kind
     cuda = groups.device.type == "cuda"
-    mine = (groups.device.index or 0) if cuda else -1
-    reach = [d for d in range(torch.cuda.device_count() if cuda else 0)
-             if d == mine or torch.cuda.can_device_access_peer(mine, d)]
+    mine = (groups.device.index if groups.device.index is not None else torch.cuda.current_device()) if cuda else -1
+    reach = {_uuid(d) for d in range(torch.cuda.device_count() if cuda else 0)
+             if d == mine or torch.cuda.can_device_access_peer(mine, d)}
     where = [None] * len(groups.topology.leaders)
-    dist.all_gather_object(where, (socket.gethostname(), mine, reach), group=groups.a2e)
+    dist.all_gather_object(where, (socket.gethostname(), _uuid(mine) if cuda else None, reach), group=groups.a2e)
     one_host = len({host for host, _, _ in where}) == 1
-    return "ipc" if cuda and one_host and all(d in r for _, _, r in where for _, d, _ in where) else "p2p"
+    return "ipc" if cuda and one_host and all(g in r for _, _, r in where for _, g, _ in where) else "p2p"
+
+
+def _uuid(device: int) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 def make_transport(kind: str, groups: Groups, rank: int, hidden_size: int, top_k: int, dtype: torch.dtype,

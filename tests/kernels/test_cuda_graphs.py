@@ -16,14 +16,16 @@ def test_graphed_decode_matches_eager(tiny_models):
 
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (1, 7, 16, 17, 30)]  # 5: padded to 8
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0)
+    # requests finish at different steps: the batch shrinks 5 -> 4 -> 3 -> 2, inside a bucket too
+    # (4 -> 3: the row a request left must not keep writing its KV slot)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0) for n in (20, 4, 20, 9, 14)]
     outs = {}
     for eager in (True, False):
         with LLM(tiny_models["qwen3_moe"], device="cuda", dtype="float32", max_num_seqs=8,
                  enforce_eager=eager) as llm:
             assert (type(llm.engine.executor).__name__ == "GraphedExecutor") == (not eager)
             outs[eager] = [o.outputs[0] for o in llm.generate(prompts, params)]
-            one = llm.generate(prompts[:3], params)  # a batch of 3 replays the bucket of 4
+            one = llm.generate(prompts[:3], params[:3])  # a batch of 3 replays the bucket of 4
             assert [o.outputs[0].token_ids for o in one] == [o.token_ids for o in outs[eager][:3]]
     for a, b in zip(outs[True], outs[False]):
         assert a.token_ids == b.token_ids
