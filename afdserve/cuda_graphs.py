@@ -27,7 +27,11 @@ from afdserve.transport.groups import STARTUP_TIMEOUT_S
 
 
 def buckets(max_batch: int) -> list[int]:
-    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    """Batch sizes captured, up to ``max_batch``: padding a batch to its bucket adds at most 7
+    rows or a quarter of the batch (a disaggregated step's micro-batches are a fraction of a
+    large batch, anywhere between the round sizes)."""
+    sizes = [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+    sizes += range(640, max_batch, 128)
     return [b for b in sizes if b < max_batch] + [max_batch]
 
 
