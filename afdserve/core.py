@@ -74,8 +74,12 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         """Whether penalties or a logit bias change the logits before sampling."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+        return self.penalizes or bool(self.logit_bias)
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether repetition, frequency or presence penalties apply (they read the tokens so far)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 def _token_bias(bias) -> dict[int, float]:

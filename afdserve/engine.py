@@ -21,7 +21,7 @@ from afdserve.kv_cache import blocks_needed
 from afdserve.layers.basic import to_device
 from afdserve.output import append_token
 from afdserve.runner import Executor, MicroBatchInput, prepare, sample_logits
-from afdserve.sampler import can_sample_on_device, sample, sample_on_device
+from afdserve.sampler import DeviceSample, can_sample_on_device, sample, sample_on_device
 from afdserve.scheduler import Scheduler
 
 
@@ -47,27 +47,39 @@ def validate_request(ids: list[int], params: SamplingParams, vocab_size: int, ma
 
 @dataclass
 class _InFlight:
-    """A launched step whose sampled tokens the host has not read yet."""
+    """A launched step whose sampled tokens (and logprobs) the host has not read yet."""
 
     requests: list[Request]  # the rows that sample, in order
-    tokens_dev: torch.Tensor  # int64 [S] on the device: the next step's inputs read them there
-    tokens_host: torch.Tensor  # the same, copied without waiting (pinned memory on CUDA)
+    sample: DeviceSample  # on the device: the next step's inputs read the tokens there
+    host: list[torch.Tensor]  # ``sample.tensors()``, copied without waiting (pinned memory on CUDA)
     copied: torch.cuda.Event | None
 
-    @classmethod
-    def launch(cls, requests: list[Request], tokens_dev: torch.Tensor) -> _InFlight:
-        if not tokens_dev.is_cuda:
-            return cls(requests, tokens_dev, tokens_dev, None)
-        host = torch.empty(tokens_dev.shape, dtype=tokens_dev.dtype, pin_memory=True)
-        host.copy_(tokens_dev, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(tokens_dev.device))
-        return cls(requests, tokens_dev, host, copied)
+    @property
+    def tokens_dev(self) -> torch.Tensor:
+        return self.sample.tokens_N
 
-    def tokens(self) -> list[int]:
+    @classmethod
+    def launch(cls, requests: list[Request], sample: DeviceSample) -> _InFlight:
+        dev = sample.tensors()
+        if not sample.tokens_N.is_cuda:
+            return cls(requests, sample, dev, None)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in dev]
+        for h, d in zip(host, dev):
+            h.copy_(d, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(sample.tokens_N.device))
+        return cls(requests, sample, host, copied)
+
+    def read(self) -> tuple[list[int], list[dict[int, float] | None]]:
+        """The tokens and each row's logprobs (None where not asked for)."""
         if self.copied is not None:
             self.copied.synchronize()
-        return self.tokens_host.tolist()
+        tokens = self.host[0].tolist()
+        s = self.sample
+        if not s.lp_rows:
+            return tokens, [None] * len(tokens)
+        token_lp, top_lp, top_ids = (t.tolist() for t in self.host[1:])
+        return tokens, DeviceSample.entries(s.lp_rows, s.lp_want, len(tokens), token_lp, top_lp, top_ids, tokens)
 
 
 class Engine:
@@ -172,11 +184,11 @@ class Engine:
         if inflight is None:
             return []
         got = []
-        for req, token in zip(inflight.requests, inflight.tokens()):
+        for req, token, logprobs in zip(inflight.requests, *inflight.read()):
             req.num_pending -= 1
             if req.finished:  # aborted, or stopped a step earlier than the scheduler could know
                 continue
-            reason = append_token(req, token, None, self.tokenizer, self.eos_ids, self.max_model_len)
+            reason = append_token(req, token, logprobs, self.tokenizer, self.eos_ids, self.max_model_len)
             if reason is not None:
                 self.scheduler.finish(req, reason)
                 self.requests.pop(req.request_id, None)

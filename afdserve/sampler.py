@@ -4,6 +4,8 @@ Legend: N rows to sample, V vocab."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from afdserve.core import Request, SamplingParams
@@ -32,24 +34,67 @@ def sample(logits_NV: torch.Tensor, requests: list[Request],
 
 def can_sample_on_device(req: Request) -> bool:
     """Whether the request's next token can be sampled without the host (async scheduling): no
-    logprobs, penalties or logit bias, and no per-request seed (greedy rows need none)."""
+    penalties (they read every token so far) and no per-request seed (greedy rows need none).
+    Logit bias and logprobs are computed on the device too."""
     p = req.params
-    return p.logprobs is None and not p.adjusts_logits and (p.greedy or req.generator is None)
+    return not p.penalizes and (p.greedy or req.generator is None)
 
 
-def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator: torch.Generator) -> torch.Tensor:
-    """int64 [N] tokens left on the logits' device, no host synchronisation: greedy rows take
-    the argmax (ties: lowest id), the others sample from ``probs_batch`` by the exponential race
-    (argmax of p / Exp(1) noise picks token i with probability p_i)."""
-    logits_NV = logits_NV.float()
+@dataclass
+class DeviceSample:
+    """What ``sample_on_device`` leaves on the device: the tokens, and for the rows that asked
+    for logprobs (``lp_rows``, with ``lp_want`` top entries each) the sampled token's logprob
+    and the top ``max(lp_want)`` logprobs and their ids."""
+
+    tokens_N: torch.Tensor  # int64
+    lp_rows: list[int] = field(default_factory=list)
+    lp_want: list[int] = field(default_factory=list)
+    token_lp_R: torch.Tensor | None = None  # float32 [R]
+    top_lp_RW: torch.Tensor | None = None  # float32 [R, W]
+    top_ids_RW: torch.Tensor | None = None  # int64 [R, W]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.tokens_N, self.token_lp_R, self.top_lp_RW, self.top_ids_RW) if t is not None]
+
+    @staticmethod
+    def entries(lp_rows: list[int], lp_want: list[int], n: int, token_lp: list[float], top_lp: list[list[float]],
+                top_ids: list[list[int]], tokens: list[int]) -> list[dict[int, float] | None]:
+        """Per row, as the host sampler reports them: {token: logprob} plus the top entries."""
+        out: list[dict[int, float] | None] = [None] * n
+        for r, (i, w) in enumerate(zip(lp_rows, lp_want)):
+            out[i] = {tokens[i]: token_lp[r]} | ({t: v for t, v in zip(top_ids[r][:w], top_lp[r][:w])} if w else {})
+        return out
+
+
+def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator: torch.Generator) -> DeviceSample:
+    """Tokens left on the logits' device, no host synchronisation: each row's logit bias added,
+    greedy rows take the argmax (ties: lowest id), the others sample from ``probs_batch`` by the
+    exponential race (argmax of p / Exp(1) noise picks token i with probability p_i); logprobs
+    of the raw model distribution for the rows that ask for them."""
+    raw_NV = logits_NV.float()
+    dev = raw_NV.device
+    logits_NV = raw_NV
+    biased = [(i, t, b) for i, req in enumerate(requests) for t, b in req.params.logit_bias.items()]
+    if biased:
+        rows_B, ids_B = (to_device([x[j] for x in biased], torch.int64, dev) for j in (0, 1))
+        logits_NV = raw_NV.index_put((rows_B, ids_B), to_device([x[2] for x in biased], torch.float32, dev),
+                                     accumulate=True)
     tokens_N = torch.argmax(logits_NV, dim=-1)
     rows = [i for i, req in enumerate(requests) if not req.params.greedy]
     if rows:
-        rows_R = to_device(rows, torch.int64, logits_NV.device)
+        rows_R = to_device(rows, torch.int64, dev)
         probs_RV = probs_batch(logits_NV.index_select(0, rows_R), [requests[i].params for i in rows])
         noise_RV = torch.empty_like(probs_RV).exponential_(generator=generator)
         tokens_N.index_copy_(0, rows_R, (probs_RV / noise_RV).argmax(-1))
-    return tokens_N
+    out = DeviceSample(tokens_N)
+    want = [(i, req.params.logprobs) for i, req in enumerate(requests) if req.params.logprobs is not None]
+    if want:
+        out.lp_rows, out.lp_want = [i for i, _ in want], [w for _, w in want]
+        rows_R = to_device(out.lp_rows, torch.int64, dev)
+        lp_RV = torch.log_softmax(raw_NV.index_select(0, rows_R), dim=-1)
+        out.token_lp_R = lp_RV.gather(1, tokens_N.index_select(0, rows_R)[:, None])[:, 0]
+        out.top_lp_RW, out.top_ids_RW = lp_RV.topk(max(max(out.lp_want), 1), dim=-1)
+    return out
 
 
 def probs_batch(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -84,7 +84,7 @@ def test_stop_strings_and_stop_token_ids(model):
 
 
 def test_requests_that_need_the_host_step_synchronously(model):
-    """logprobs, penalties and seeds in the same batch as plain requests: every output as without async."""
+    """Penalties and seeds in the same batch as plain requests: every output as without async."""
     prompts = _prompts(6)
     # the host-bound ones end first, so the rest of the run steps asynchronously
     params = [GREEDY, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2), GREEDY,
@@ -93,7 +93,7 @@ def test_requests_that_need_the_host_step_synchronously(model):
               SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, seed=9)]
     seeded = [Request(str(i), [1], p, generator=None if p.seed is None else torch.Generator().manual_seed(p.seed))
               for i, p in enumerate(params)]
-    assert [can_sample_on_device(r) for r in seeded] == [True, False, True, False, False, True]
+    assert [can_sample_on_device(r) for r in seeded] == [True, True, True, False, False, True]
     ref, got, llm = _both(model, prompts, params)
     llm.shutdown()
     assert got == ref
@@ -101,7 +101,8 @@ def test_requests_that_need_the_host_step_synchronously(model):
 
 def test_abort_and_arrivals_while_a_step_is_in_flight(model):
     prompts = _prompts(5)
-    with_lp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)  # needs a synchronous step
+    # the penalty needs a synchronous step (the logprobs alone would not)
+    with_lp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1, repetition_penalty=1.2)
     with LLM(model, async_scheduling=False) as llm:
         alone = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
         alone_lp = llm.generate([prompts[4]], with_lp)[0].outputs[0]
@@ -140,7 +141,7 @@ def test_device_sampler_draws_from_the_filtered_distribution():
     draws = 20000
     for p in cases:
         reqs = [Request("r", [1], p)] * draws + [Request("g", [1], SamplingParams(temperature=0))]
-        tokens = sample_on_device(logits_V.expand(draws + 1, -1), reqs, torch.Generator().manual_seed(1))
+        tokens = sample_on_device(logits_V.expand(draws + 1, -1), reqs, torch.Generator().manual_seed(1)).tokens_N
         assert tokens[-1] == logits_V.argmax()
         freq = torch.bincount(tokens[:-1], minlength=12).float() / draws
         probs = probs_batch(logits_V.float()[None], [p])[0]
@@ -186,11 +187,11 @@ def test_batched_probabilities_equal_the_per_row_ones():
 
 
 def test_a_queued_host_bound_request_waits_without_stopping_async_steps(model):
-    """A logprobs request behind a full batch (max_num_seqs) leaves the running ones stepping
+    """A host-bound request behind a full batch (max_num_seqs) leaves the running ones stepping
     asynchronously until it can be admitted; every output as without async."""
     prompts = _prompts(3)
     params = [GREEDY, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)]
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1, presence_penalty=0.5)]
     ref = {}
     for flag in (False, True):
         with LLM(model, async_scheduling=flag, max_num_seqs=2) as llm:
@@ -209,3 +210,38 @@ def test_a_queued_host_bound_request_waits_without_stopping_async_steps(model):
         if flag:
             assert out == ref["out"] and lp == pytest.approx(ref["lp"], abs=1e-4)
         ref = {"out": out, "lp": lp}
+
+
+def test_logprobs_and_logit_bias_step_asynchronously(model):
+    """Logprobs (of the raw distribution, top-k and the sampled token) and logit bias are
+    computed on the device: those requests keep every step asynchronous, with the synchronous
+    engine's tokens and logprobs."""
+    prompts = _prompts(4)
+    with LLM(model, async_scheduling=False) as llm:
+        free = llm.generate(prompts[:1], GREEDY)[0].outputs[0].token_ids
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logit_bias={free[3]: 100.0, 7: -5.0},
+                             logprobs=0),
+              SamplingParams(temperature=0.9, top_k=20, max_tokens=10, ignore_eos=True, logit_bias={11: 3.0}),
+              GREEDY]
+    out = {}
+    for flag in (False, True):
+        with LLM(model, async_scheduling=flag) as llm:
+            eng = llm.engine
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                eng.add_request(str(i), p, sp)
+            reqs, sync_steps = dict(eng.requests), 0
+            while eng.has_unfinished():
+                eng.step()
+                sync_steps += eng._inflight is None and eng.has_unfinished()
+            if flag:
+                assert sync_steps == 0
+            out[flag] = [(r.output_token_ids, r.output_logprobs) for r in reqs.values()]
+    assert out[True][1][0].count(free[3]) == 10  # the +100 bias wins every step
+    for i, ((tok_a, lp_a), (tok_s, lp_s)) in enumerate(zip(out[True], out[False])):
+        if i == 2:  # sampled: the device draws from its own generator
+            continue
+        assert tok_a == tok_s
+        assert [sorted(d) for d in lp_a] == [sorted(d) for d in lp_s]
+        assert [v for d in lp_a for v in d.values()] == pytest.approx([v for d in lp_s for v in d.values()], abs=1e-5)
+    assert [len(d) for d in out[True][0][1]] == [len(d) for d in out[False][0][1]]

@@ -41,13 +41,22 @@ def test_async_scheduling_matches_sync_with_graphs(tiny_models):
 
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (1, 7, 16, 17, 30, 41)]
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (20, 3, 20, 11, 20, 7)]
-    outs = {}
+    # logprobs and logit bias: computed on the device, the steps stay asynchronous
+    extra = [{}, {"logprobs": 2}, {}, {"logit_bias": {17: 8.0, 20: -3.0}, "logprobs": 0}, {}, {}]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **x)
+              for n, x in zip((20, 3, 20, 11, 20, 7), extra)]
+    outs, lps = {}, {}
     for flag in (False, True):
         with LLM(tiny_models["qwen3_moe"], device="cuda", dtype="float32", max_num_seqs=8,
                  max_num_batched_tokens=32, async_scheduling=flag) as llm:
             assert llm.engine.async_scheduling == flag
-            outs[flag] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(prompts, params)]
+            got = [o.outputs[0] for o in llm.generate(prompts, params)]
+            outs[flag] = [(o.token_ids, o.finish_reason) for o in got]
+            lps[flag] = [[(t, v) for d in o.logprobs or [] for t, v in sorted(d.items())] for o in got]
             sched = llm.engine.scheduler
             assert sched.blocks.num_free == sched.blocks.num_blocks
     assert outs[True] == outs[False]
+    assert [len(x) for x in lps[True]] == [len(x) for x in lps[False]] and lps[True][1] and lps[True][3]
+    for a, b in zip(lps[True], lps[False]):
+        assert [t for t, _ in a] == [t for t, _ in b]
+        assert [v for _, v in a] == pytest.approx([v for _, v in b], abs=1e-4)
