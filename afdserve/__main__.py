@@ -59,7 +59,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch the next step while the GPU runs this one (default: on for a "
-                        "single-process GPU engine; steps with penalties or seeds run synchronously)")
+                        "single-process GPU engine; steps with seeded sampling run synchronously)")
     p.add_argument("--dist-timeout", type=float, default=120.0, dest="dist_timeout_s",
                    help="seconds before a collective or transfer with a silent peer fails (every process group)")
     p.add_argument("--router-skew", type=float, default=0.0,

@@ -152,8 +152,8 @@ class SchedulerConfig:
     # vLLM's --async-scheduling: the next step is scheduled and launched before the host has the
     # tokens of the one running (they stay on the GPU and feed it), so scheduling, input
     # preparation and output handling overlap the GPU. None: on for a single-process GPU engine.
-    # Steps whose requests need the host's view of their tokens (penalties, seeded sampling) run
-    # synchronously; logprobs and logit bias are computed on the device.
+    # Steps with a seeded sampling request (its generator lives on the host) run synchronously;
+    # logprobs, penalties and logit bias are computed on the device.
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:

@@ -153,7 +153,10 @@ class Engine:
             c.request.num_computed += c.num_new
         logits_SV = sample_logits(self.attn, inputs, self.executor.run(inputs))
         sampling = [c.request for c in plan.chunks if c.samples]
-        launched = _InFlight.launch(sampling, sample_on_device(logits_SV, sampling, self.device_generator))
+        pending = None
+        if self._inflight is not None:  # penalties count the running step's tokens too
+            pending = (self._inflight.tokens_dev, {id(r): i for i, r in enumerate(self._inflight.requests)})
+        launched = _InFlight.launch(sampling, sample_on_device(logits_SV, sampling, self.device_generator, pending))
         for req in sampling:
             req.num_pending += 1
         self.num_steps += 1

@@ -34,10 +34,9 @@ def sample(logits_NV: torch.Tensor, requests: list[Request],
 
 def can_sample_on_device(req: Request) -> bool:
     """Whether the request's next token can be sampled without the host (async scheduling): no
-    penalties (they read every token so far) and no per-request seed (greedy rows need none).
-    Logit bias and logprobs are computed on the device too."""
-    p = req.params
-    return not p.penalizes and (p.greedy or req.generator is None)
+    per-request seed (its generator lives on the host; greedy rows need none). Penalties, logit
+    bias and logprobs are computed on the device."""
+    return req.params.greedy or req.generator is None
 
 
 @dataclass
@@ -66,19 +65,24 @@ class DeviceSample:
         return out
 
 
-def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator: torch.Generator) -> DeviceSample:
-    """Tokens left on the logits' device, no host synchronisation: each row's logit bias added,
-    greedy rows take the argmax (ties: lowest id), the others sample from ``probs_batch`` by the
-    exponential race (argmax of p / Exp(1) noise picks token i with probability p_i); logprobs
-    of the raw model distribution for the rows that ask for them."""
+def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator: torch.Generator,
+                     pending: tuple[torch.Tensor, dict[int, int]] | None = None) -> DeviceSample:
+    """Tokens left on the logits' device, no host synchronisation: penalties and logit bias
+    applied as ``adjust_logits`` does, greedy rows take the argmax (ties: lowest id), the others
+    sample from ``probs_batch`` by the exponential race (argmax of p / Exp(1) noise picks token i
+    with probability p_i); logprobs of the raw model distribution for the rows that ask.
+    ``pending``: the running step's tokens on the device and each request's row there (keyed by
+    ``id``): a request's token there is an output token the host has not read yet."""
     raw_NV = logits_NV.float()
     dev = raw_NV.device
     logits_NV = raw_NV
+    if any(req.params.adjusts_logits for req in requests):
+        logits_NV = raw_NV.clone()
+        _penalize(logits_NV, requests, pending)
     biased = [(i, t, b) for i, req in enumerate(requests) for t, b in req.params.logit_bias.items()]
     if biased:
         rows_B, ids_B = (to_device([x[j] for x in biased], torch.int64, dev) for j in (0, 1))
-        logits_NV = raw_NV.index_put((rows_B, ids_B), to_device([x[2] for x in biased], torch.float32, dev),
-                                     accumulate=True)
+        logits_NV.index_put_((rows_B, ids_B), to_device([x[2] for x in biased], torch.float32, dev), accumulate=True)
     tokens_N = torch.argmax(logits_NV, dim=-1)
     rows = [i for i, req in enumerate(requests) if not req.params.greedy]
     if rows:
@@ -95,6 +99,44 @@ def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator
         out.token_lp_R = lp_RV.gather(1, tokens_N.index_select(0, rows_R)[:, None])[:, 0]
         out.top_lp_RW, out.top_ids_RW = lp_RV.topk(max(max(out.lp_want), 1), dim=-1)
     return out
+
+
+def _penalize(logits_NV: torch.Tensor, requests: list[Request], pending) -> None:
+    """In place, the penalised rows at once: repetition (prompt and output tokens), then
+    frequency and presence (output tokens, counted on the device, the pending one included)."""
+    rows = [i for i, req in enumerate(requests) if req.params.penalizes]
+    if not rows:
+        return
+    dev, v = logits_NV.device, logits_NV.shape[1]
+    counts_RV = torch.zeros(len(rows), v, device=dev)
+    seen_RV = torch.zeros(len(rows), v, dtype=torch.bool, device=dev)
+
+    def mark(dst: torch.Tensor, pairs: list[tuple[int, int]], count: bool) -> None:
+        """dst[row, token] += 1 for each pair (``count``), else set to True."""
+        if pairs:
+            at = tuple(to_device([x[j] for x in pairs], torch.int64, dev) for j in (0, 1))
+            dst.index_put_(at, torch.ones(len(pairs), dtype=dst.dtype, device=dev), accumulate=count)
+
+    reqs = [requests[i] for i in rows]
+    mark(counts_RV, [(r, t) for r, req in enumerate(reqs) for t in req.output_token_ids], count=True)
+    mark(seen_RV, [(r, t) for r, req in enumerate(reqs) for t in req.prompt_token_ids], count=False)
+    if pending is not None:
+        tokens_dev, index = pending
+        late = [(r, index[id(req)]) for r, req in enumerate(reqs) if req.num_pending and id(req) in index]
+        if late:
+            r_L, src_L = (to_device([x[j] for x in late], torch.int64, dev) for j in (0, 1))
+            counts_RV.index_put_((r_L, tokens_dev.index_select(0, src_L)), torch.ones(len(late), device=dev),
+                                 accumulate=True)
+    seen_RV |= counts_RV > 0
+    column = lambda xs: to_device(xs, torch.float32, dev)[:, None]  # noqa: E731
+    rep_R1 = column([req.params.repetition_penalty for req in reqs])
+    rows_R = to_device(rows, torch.int64, dev)
+    x_RV = logits_NV.index_select(0, rows_R)
+    x_RV = torch.where(seen_RV, torch.where(x_RV > 0, x_RV / rep_R1, x_RV * rep_R1), x_RV)
+    used_RV = (counts_RV > 0).float()
+    x_RV = x_RV - (column([req.params.frequency_penalty for req in reqs]) * counts_RV
+                   + column([req.params.presence_penalty for req in reqs]) * used_RV)
+    logits_NV.index_copy_(0, rows_R, x_RV)
 
 
 def probs_batch(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -84,7 +84,8 @@ def test_stop_strings_and_stop_token_ids(model):
 
 
 def test_requests_that_need_the_host_step_synchronously(model):
-    """Penalties and seeds in the same batch as plain requests: every output as without async."""
+    """Seeded sampling (the seed's generator lives on the host) in the same batch as requests
+    with logprobs, penalties and plain ones: every output as without async."""
     prompts = _prompts(6)
     # the host-bound ones end first, so the rest of the run steps asynchronously
     params = [GREEDY, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2), GREEDY,
@@ -93,7 +94,7 @@ def test_requests_that_need_the_host_step_synchronously(model):
               SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, seed=9)]
     seeded = [Request(str(i), [1], p, generator=None if p.seed is None else torch.Generator().manual_seed(p.seed))
               for i, p in enumerate(params)]
-    assert [can_sample_on_device(r) for r in seeded] == [True, True, True, False, False, True]
+    assert [can_sample_on_device(r) for r in seeded] == [True, True, True, True, False, True]
     ref, got, llm = _both(model, prompts, params)
     llm.shutdown()
     assert got == ref
@@ -101,8 +102,8 @@ def test_requests_that_need_the_host_step_synchronously(model):
 
 def test_abort_and_arrivals_while_a_step_is_in_flight(model):
     prompts = _prompts(5)
-    # the penalty needs a synchronous step (the logprobs alone would not)
-    with_lp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1, repetition_penalty=1.2)
+    # the seed needs a synchronous step (its generator lives on the host)
+    with_lp = SamplingParams(temperature=0.8, seed=11, max_tokens=8, ignore_eos=True, logprobs=1)
     with LLM(model, async_scheduling=False) as llm:
         alone = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
         alone_lp = llm.generate([prompts[4]], with_lp)[0].outputs[0]
@@ -191,7 +192,7 @@ def test_a_queued_host_bound_request_waits_without_stopping_async_steps(model):
     asynchronously until it can be admitted; every output as without async."""
     prompts = _prompts(3)
     params = [GREEDY, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1, presence_penalty=0.5)]
+              SamplingParams(temperature=0.7, seed=4, max_tokens=5, ignore_eos=True, logprobs=1)]
     ref = {}
     for flag in (False, True):
         with LLM(model, async_scheduling=flag, max_num_seqs=2) as llm:
@@ -212,18 +213,25 @@ def test_a_queued_host_bound_request_waits_without_stopping_async_steps(model):
         ref = {"out": out, "lp": lp}
 
 
-def test_logprobs_and_logit_bias_step_asynchronously(model):
-    """Logprobs (of the raw distribution, top-k and the sampled token) and logit bias are
-    computed on the device: those requests keep every step asynchronous, with the synchronous
-    engine's tokens and logprobs."""
-    prompts = _prompts(4)
+def test_logprobs_penalties_and_logit_bias_step_asynchronously(model):
+    """Logprobs (of the raw distribution, top-k and the sampled token), penalties (counting the
+    token still in flight) and logit bias are computed on the device: those requests keep every
+    step asynchronous, with the synchronous engine's tokens and logprobs."""
+    prompts = _prompts(6) + _prompts(1)
     with LLM(model, async_scheduling=False) as llm:
         free = llm.generate(prompts[:1], GREEDY)[0].outputs[0].token_ids
     params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3),
               SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logit_bias={free[3]: 100.0, 7: -5.0},
                              logprobs=0),
               SamplingParams(temperature=0.9, top_k=20, max_tokens=10, ignore_eos=True, logit_bias={11: 3.0}),
-              GREEDY]
+              GREEDY,
+              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, frequency_penalty=1.5, logprobs=1),
+              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.8,
+                             presence_penalty=0.7, logit_bias={free[5]: 2.0}),
+              # the bias makes token 100 win until its count outweighs it: the count must include the
+              # token still in flight, or 100 wins once more than on the synchronous engine
+              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias={100: 6.0},
+                             frequency_penalty=2.0)]
     out = {}
     for flag in (False, True):
         with LLM(model, async_scheduling=flag) as llm:
@@ -238,6 +246,7 @@ def test_logprobs_and_logit_bias_step_asynchronously(model):
                 assert sync_steps == 0
             out[flag] = [(r.output_token_ids, r.output_logprobs) for r in reqs.values()]
     assert out[True][1][0].count(free[3]) == 10  # the +100 bias wins every step
+    assert 100 in out[True][6][0]
     for i, ((tok_a, lp_a), (tok_s, lp_s)) in enumerate(zip(out[True], out[False])):
         if i == 2:  # sampled: the device draws from its own generator
             continue

@@ -85,3 +85,41 @@ def test_penalty_and_bias_validation(params, name):
     with pytest.raises(InvalidRequest) as e:
         SamplingParams(**params)
     assert e.value.param == name
+
+
+def test_device_penalties_and_bias_equal_the_host_ones():
+    """``sample_on_device`` (all rows at once, no host sync) adjusts the logits as the host
+    sampler does row by row: repetition (prompt and output), frequency, presence, logit bias;
+    a token still in flight (``pending``) counts as output. Greedy tokens and logprobs compared."""
+    from afdserve.sampler import sample_on_device
+
+    gen = torch.Generator().manual_seed(3)
+    v, n = 40, 60
+    logits_NV = torch.randn(n, v, generator=gen) * 2
+    pending_tokens = torch.randint(0, v, (n,), generator=gen)
+    device_reqs, host_reqs = [], []
+    for i in range(n):
+        kw = {"repetition_penalty": [1.0, 1.7, 0.6][i % 3], "frequency_penalty": [0.0, 0.9, -0.5][i % 5 % 3],
+              "presence_penalty": [0.0, 1.2, -0.8][i % 7 % 3]}
+        if i % 4 == 0:
+            kw["logit_bias"] = {int(torch.randint(0, v, (1,), generator=gen)): 4.0, 3: -2.5}
+        params = SamplingParams(temperature=0, logprobs=2, **kw)
+        prompt = torch.randint(0, v, (1 + i % 6,), generator=gen).tolist()
+        out = torch.randint(0, v, (i % 9,), generator=gen).tolist()
+        late = i % 2 == 0
+        dev_req = Request(str(i), prompt, params)
+        dev_req.output_token_ids, dev_req.num_pending = list(out), int(late)
+        host_req = Request(str(i), prompt, params)
+        host_req.output_token_ids = out + ([int(pending_tokens[i])] if late else [])
+        device_reqs.append(dev_req)
+        host_reqs.append(host_req)
+    index = {id(r): i for i, r in enumerate(device_reqs)}
+    got = sample_on_device(logits_NV, device_reqs, torch.Generator(), (pending_tokens, index))
+    want_tokens, want_lp = sample(logits_NV, host_reqs)
+    assert got.tokens_N.tolist() == want_tokens
+    assert got.lp_rows == list(range(n))
+    top_lp, top_ids = got.top_lp_RW.tolist(), got.top_ids_RW.tolist()
+    for i in range(n):
+        entry = {want_tokens[i]: float(got.token_lp_R[i])} | dict(zip(top_ids[i][:2], top_lp[i][:2]))
+        assert entry.keys() == want_lp[i].keys()
+        assert list(entry.values()) == pytest.approx([want_lp[i][t] for t in entry], abs=1e-6)

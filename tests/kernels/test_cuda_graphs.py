@@ -41,8 +41,9 @@ def test_async_scheduling_matches_sync_with_graphs(tiny_models):
 
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (1, 7, 16, 17, 30, 41)]
-    # logprobs and logit bias: computed on the device, the steps stay asynchronous
-    extra = [{}, {"logprobs": 2}, {}, {"logit_bias": {17: 8.0, 20: -3.0}, "logprobs": 0}, {}, {}]
+    # logprobs, penalties and logit bias: computed on the device, the steps stay asynchronous
+    extra = [{}, {"logprobs": 2}, {"frequency_penalty": 1.0, "repetition_penalty": 1.3},
+             {"logit_bias": {17: 8.0, 20: -3.0}, "logprobs": 0}, {"presence_penalty": -1.0}, {}]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **x)
               for n, x in zip((20, 3, 20, 11, 20, 7), extra)]
     outs, lps = {}, {}
