@@ -21,7 +21,7 @@ from afdserve.kv_cache import blocks_needed
 from afdserve.layers.basic import to_device
 from afdserve.output import append_token
 from afdserve.runner import Executor, MicroBatchInput, prepare, sample_logits
-from afdserve.sampler import DeviceSample, can_sample_on_device, sample, sample_on_device
+from afdserve.sampler import DeviceSample, PenaltyTable, can_sample_on_device, sample, sample_on_device
 from afdserve.scheduler import Scheduler
 
 
@@ -96,6 +96,7 @@ class Engine:
         self.async_scheduling = async_scheduling
         self.device_generator = torch.Generator(device=device).manual_seed(seed)
         self._inflight: _InFlight | None = None
+        self._penalties: PenaltyTable | None = None  # async: penalised requests' counts on the device
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float = 0.0) -> Request:
@@ -153,10 +154,10 @@ class Engine:
             c.request.num_computed += c.num_new
         logits_SV = sample_logits(self.attn, inputs, self.executor.run(inputs))
         sampling = [c.request for c in plan.chunks if c.samples]
-        pending = None
-        if self._inflight is not None:  # penalties count the running step's tokens too
-            pending = (self._inflight.tokens_dev, {id(r): i for i, r in enumerate(self._inflight.requests)})
-        launched = _InFlight.launch(sampling, sample_on_device(logits_SV, sampling, self.device_generator, pending))
+        if self._penalties is None and any(r.params.penalizes for r in sampling):
+            self._penalties = PenaltyTable(logits_SV.shape[1], logits_SV.device)
+        launched = _InFlight.launch(sampling, sample_on_device(logits_SV, sampling, self.device_generator,
+                                                               self._penalties))
         for req in sampling:
             req.num_pending += 1
         self.num_steps += 1

@@ -16,12 +16,7 @@ def sample(logits_NV: torch.Tensor, requests: list[Request],
            default_generator: torch.Generator | None = None) -> tuple[list[int], list[dict[int, float] | None]]:
     """One new token per row; greedy rows take the argmax (ties: lowest id)."""
     raw_NV = logits_NV.float()
-    logits_NV = raw_NV
-    adjusted = [i for i, req in enumerate(requests) if req.params.adjusts_logits]
-    if adjusted:
-        logits_NV = raw_NV.clone()
-        for i in adjusted:
-            adjust_logits(logits_NV[i], requests[i])
+    logits_NV = adjust_batch(raw_NV, requests, lambda reqs: _counts_from_host(reqs, raw_NV.shape[1], raw_NV.device))
     tokens = torch.argmax(logits_NV, dim=-1).tolist()
     rows = [i for i, req in enumerate(requests) if not req.params.greedy]
     if rows:  # each row draws from its own CPU generator (its seed's, else the engine's)
@@ -66,23 +61,18 @@ class DeviceSample:
 
 
 def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator: torch.Generator,
-                     pending: tuple[torch.Tensor, dict[int, int]] | None = None) -> DeviceSample:
-    """Tokens left on the logits' device, no host synchronisation: penalties and logit bias
-    applied as ``adjust_logits`` does, greedy rows take the argmax (ties: lowest id), the others
-    sample from ``probs_batch`` by the exponential race (argmax of p / Exp(1) noise picks token i
-    with probability p_i); logprobs of the raw model distribution for the rows that ask.
-    ``pending``: the running step's tokens on the device and each request's row there (keyed by
-    ``id``): a request's token there is an output token the host has not read yet."""
+                     penalties: PenaltyTable | None = None) -> DeviceSample:
+    """Tokens left on the logits' device, no host synchronisation: penalties (output counts from
+    ``penalties``, which the tokens sampled here join) and logit bias as ``adjust_batch`` applies
+    them, greedy rows take the argmax (ties: lowest id), the others sample from ``probs_batch``
+    by the exponential race (argmax of p / Exp(1) noise picks token i with probability p_i);
+    logprobs of the raw model distribution for the rows that ask."""
     raw_NV = logits_NV.float()
     dev = raw_NV.device
-    logits_NV = raw_NV
-    if any(req.params.adjusts_logits for req in requests):
-        logits_NV = raw_NV.clone()
-        _penalize(logits_NV, requests, pending)
-    biased = [(i, t, b) for i, req in enumerate(requests) for t, b in req.params.logit_bias.items()]
-    if biased:
-        rows_B, ids_B = (to_device([x[j] for x in biased], torch.int64, dev) for j in (0, 1))
-        logits_NV.index_put_((rows_B, ids_B), to_device([x[2] for x in biased], torch.float32, dev), accumulate=True)
+    penalised = [i for i, req in enumerate(requests) if req.params.penalizes]
+    if penalised and penalties is None:
+        raise ValueError("penalised requests need a PenaltyTable to sample on the device")
+    logits_NV = adjust_batch(raw_NV, requests, penalties.gather if penalised else None)
     tokens_N = torch.argmax(logits_NV, dim=-1)
     rows = [i for i, req in enumerate(requests) if not req.params.greedy]
     if rows:
@@ -90,6 +80,9 @@ def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator
         probs_RV = probs_batch(logits_NV.index_select(0, rows_R), [requests[i].params for i in rows])
         noise_RV = torch.empty_like(probs_RV).exponential_(generator=generator)
         tokens_N.index_copy_(0, rows_R, (probs_RV / noise_RV).argmax(-1))
+    if penalised:
+        chosen_R = tokens_N.index_select(0, to_device(penalised, torch.int64, dev))
+        penalties.add([requests[i] for i in penalised], chosen_R)
     out = DeviceSample(tokens_N)
     want = [(i, req.params.logprobs) for i, req in enumerate(requests) if req.params.logprobs is not None]
     if want:
@@ -101,42 +94,109 @@ def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator
     return out
 
 
-def _penalize(logits_NV: torch.Tensor, requests: list[Request], pending) -> None:
-    """In place, the penalised rows at once: repetition (prompt and output tokens), then
-    frequency and presence (output tokens, counted on the device, the pending one included)."""
+def adjust_batch(raw_NV: torch.Tensor, requests: list[Request], output_counts) -> torch.Tensor:
+    """The logits with every row's penalties and logit bias applied (a copy; the raw ones when
+    nothing applies), all rows in a fixed number of launches, in vLLM's order: repetition penalty
+    (prompt and output tokens), frequency and presence penalties (output tokens), logit bias.
+    tests/test_sampler.py keeps a one-row reference. ``output_counts(reqs)``: float32
+    [R, V] output token counts and bool [R, V] prompt tokens of the penalised requests."""
     rows = [i for i, req in enumerate(requests) if req.params.penalizes]
-    if not rows:
-        return
-    dev, v = logits_NV.device, logits_NV.shape[1]
-    counts_RV = torch.zeros(len(rows), v, device=dev)
-    seen_RV = torch.zeros(len(rows), v, dtype=torch.bool, device=dev)
+    biased = [(i, t, b) for i, req in enumerate(requests) for t, b in req.params.logit_bias.items()]
+    if not rows and not biased:
+        return raw_NV
+    dev, out_NV = raw_NV.device, raw_NV.clone()
+    if rows:
+        reqs = [requests[i] for i in rows]
+        counts_RV, prompt_RV = output_counts(reqs)
+        column = lambda xs: to_device(xs, torch.float32, dev)[:, None]  # noqa: E731
+        rep_R1 = column([req.params.repetition_penalty for req in reqs])
+        rows_R = to_device(rows, torch.int64, dev)
+        x_RV = out_NV.index_select(0, rows_R)
+        used_RV = counts_RV > 0
+        x_RV = torch.where(prompt_RV | used_RV, torch.where(x_RV > 0, x_RV / rep_R1, x_RV * rep_R1), x_RV)
+        x_RV -= (column([req.params.frequency_penalty for req in reqs]) * counts_RV
+                 + column([req.params.presence_penalty for req in reqs]) * used_RV)
+        out_NV.index_copy_(0, rows_R, x_RV)
+    if biased:
+        rows_B, ids_B = (to_device([x[j] for x in biased], torch.int64, dev) for j in (0, 1))
+        out_NV.index_put_((rows_B, ids_B), to_device([x[2] for x in biased], torch.float32, dev), accumulate=True)
+    return out_NV
 
-    def mark(dst: torch.Tensor, pairs: list[tuple[int, int]], count: bool) -> None:
-        """dst[row, token] += 1 for each pair (``count``), else set to True."""
-        if pairs:
-            at = tuple(to_device([x[j] for x in pairs], torch.int64, dev) for j in (0, 1))
-            dst.index_put_(at, torch.ones(len(pairs), dtype=dst.dtype, device=dev), accumulate=count)
 
-    reqs = [requests[i] for i in rows]
-    mark(counts_RV, [(r, t) for r, req in enumerate(reqs) for t in req.output_token_ids], count=True)
-    mark(seen_RV, [(r, t) for r, req in enumerate(reqs) for t in req.prompt_token_ids], count=False)
-    if pending is not None:
-        tokens_dev, index = pending
-        late = [(r, index[id(req)]) for r, req in enumerate(reqs) if req.num_pending and id(req) in index]
-        if late:
-            r_L, src_L = (to_device([x[j] for x in late], torch.int64, dev) for j in (0, 1))
-            counts_RV.index_put_((r_L, tokens_dev.index_select(0, src_L)), torch.ones(len(late), device=dev),
-                                 accumulate=True)
-    seen_RV |= counts_RV > 0
-    column = lambda xs: to_device(xs, torch.float32, dev)[:, None]  # noqa: E731
-    rep_R1 = column([req.params.repetition_penalty for req in reqs])
-    rows_R = to_device(rows, torch.int64, dev)
-    x_RV = logits_NV.index_select(0, rows_R)
-    x_RV = torch.where(seen_RV, torch.where(x_RV > 0, x_RV / rep_R1, x_RV * rep_R1), x_RV)
-    used_RV = (counts_RV > 0).float()
-    x_RV = x_RV - (column([req.params.frequency_penalty for req in reqs]) * counts_RV
-                   + column([req.params.presence_penalty for req in reqs]) * used_RV)
-    logits_NV.index_copy_(0, rows_R, x_RV)
+def _mark(dst_RV: torch.Tensor, pairs: list[tuple[int, int]], count: bool) -> None:
+    """dst[row, token] += 1 for each (row, token) pair (``count``), else set to 1 / True."""
+    if pairs:
+        at = tuple(to_device([x[j] for x in pairs], torch.int64, dst_RV.device) for j in (0, 1))
+        dst_RV.index_put_(at, torch.ones(len(pairs), dtype=dst_RV.dtype, device=dst_RV.device), accumulate=count)
+
+
+def _counts_from_host(reqs: list[Request], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    counts_RV = torch.zeros(len(reqs), vocab, device=device)
+    prompt_RV = torch.zeros(len(reqs), vocab, dtype=torch.bool, device=device)
+    _mark(counts_RV, [(r, t) for r, req in enumerate(reqs) for t in req.output_token_ids], count=True)
+    _mark(prompt_RV, [(r, t) for r, req in enumerate(reqs) for t in req.prompt_token_ids], count=False)
+    return counts_RV, prompt_RV
+
+
+class PenaltyTable:
+    """Output token counts and prompt tokens of the penalised requests, one row each, kept on
+    the device (async scheduling): a request's prompt and the tokens the host knows are added
+    once, each token sampled on the device is added there as it is sampled (the one still in
+    flight is counted too), so a step reads no whole history. Rows of finished requests are
+    reused. Memory: 5 bytes x vocab per row."""
+
+    def __init__(self, vocab: int, device: torch.device | str):
+        self.vocab, self.device = vocab, torch.device(device)
+        self.counts_SV = torch.zeros(0, vocab, device=self.device)
+        self.prompt_SV = torch.zeros(0, vocab, dtype=torch.bool, device=self.device)
+        self.rows: dict[int, tuple[int, Request]] = {}  # id(request) -> (row, request)
+        self.counted: dict[int, int] = {}  # id(request) -> output tokens counted (a prefix)
+
+    def gather(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counts [R, V] and prompt tokens [R, V] of ``reqs``, after adding what the host knows
+        and the table does not (a request's first use, tokens sampled on the host)."""
+        rows, catch_up = [], []
+        for req in reqs:
+            row = self._row(req)
+            known = req.output_token_ids[self.counted[id(req)]:]
+            catch_up += [(row, t) for t in known]
+            self.counted[id(req)] += len(known)
+            rows.append(row)
+        _mark(self.counts_SV, catch_up, count=True)
+        rows_R = to_device(rows, torch.int64, self.device)
+        return self.counts_SV.index_select(0, rows_R), self.prompt_SV.index_select(0, rows_R)
+
+    def add(self, reqs: list[Request], tokens_R: torch.Tensor) -> None:
+        """Count each request's newly sampled token (on the device, no host sync)."""
+        rows_R = to_device([self.rows[id(req)][0] for req in reqs], torch.int64, self.device)
+        self.counts_SV.index_put_((rows_R, tokens_R), torch.ones(len(reqs), device=self.device), accumulate=True)
+        for req in reqs:
+            self.counted[id(req)] += 1
+
+    def _row(self, req: Request) -> int:
+        if id(req) in self.rows and self.rows[id(req)][1] is req:
+            return self.rows[id(req)][0]
+        taken = {row for key, (row, r) in list(self.rows.items()) if not self._drop_if_done(key, r)}
+        row = min(set(range(self.counts_SV.shape[0])) - taken, default=None)
+        if row is None:
+            row = self._grow()
+        self.rows[id(req)], self.counted[id(req)] = (row, req), 0
+        self.counts_SV[row].zero_()
+        self.prompt_SV[row].zero_()
+        _mark(self.prompt_SV, [(row, t) for t in req.prompt_token_ids], count=False)
+        return row
+
+    def _drop_if_done(self, key: int, req: Request) -> bool:
+        if req.finished:
+            del self.rows[key], self.counted[key]
+        return req.finished
+
+    def _grow(self) -> int:
+        n = self.counts_SV.shape[0]
+        grown = max(16, 2 * n)
+        self.counts_SV = torch.cat([self.counts_SV, self.counts_SV.new_zeros(grown - n, self.vocab)])
+        self.prompt_SV = torch.cat([self.prompt_SV, self.prompt_SV.new_zeros(grown - n, self.vocab)])
+        return n
 
 
 def probs_batch(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -160,22 +220,6 @@ def probs_batch(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.
         drop_RV = sorted_RV.cumsum(dim=-1) - sorted_RV > top_p_R1
         probs_RV = probs_RV.scatter(1, idx_RV, sorted_RV.masked_fill(drop_RV, 0.0))
     return probs_RV / probs_RV.sum(dim=-1, keepdim=True)
-
-
-def adjust_logits(logits_V: torch.Tensor, req: Request) -> None:
-    """In place, vLLM's order: repetition penalty (prompt and output tokens), then frequency
-    and presence penalties (output tokens), then the logit bias."""
-    p, dev = req.params, logits_V.device
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(req.prompt_token_ids) | set(req.output_token_ids)), device=dev)
-        vals = logits_V[seen]
-        logits_V[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.frequency_penalty or p.presence_penalty) and req.output_token_ids:
-        ids, counts = torch.tensor(req.output_token_ids, device=dev).unique(return_counts=True)
-        logits_V[ids] -= p.frequency_penalty * counts.float() + p.presence_penalty
-    if p.logit_bias:
-        ids = torch.tensor(list(p.logit_bias), device=dev)
-        logits_V.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=dev))
 
 
 def _logprobs(logits_NV: torch.Tensor, tokens: list[int],

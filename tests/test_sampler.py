@@ -5,12 +5,35 @@ from __future__ import annotations
 import pytest
 import torch
 
-from afdserve.core import Request, SamplingParams
+from afdserve.core import Request, RequestStatus, SamplingParams
 from afdserve.sampler import probs_batch, sample
 
 
 def _probs(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs_batch(logits_V[None], [params])[0]
+
+
+def _adjusted(row_V: torch.Tensor, req: Request) -> torch.Tensor:
+    from afdserve.sampler import _counts_from_host, adjust_batch
+
+    return adjust_batch(row_V[None], [req], lambda rs: _counts_from_host(rs, row_V.numel(), "cpu"))[0]
+
+
+def _adjust_one_row(logits_V: torch.Tensor, req: Request) -> None:
+    """The reference, one row in place, vLLM's order: repetition penalty (prompt and output
+    tokens), then frequency and presence penalties (output tokens), then the logit bias (the
+    sampler's code before ``adjust_batch``)."""
+    p, dev = req.params, logits_V.device
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(req.prompt_token_ids) | set(req.output_token_ids)), device=dev)
+        vals = logits_V[seen]
+        logits_V[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and req.output_token_ids:
+        ids, counts = torch.tensor(req.output_token_ids, device=dev).unique(return_counts=True)
+        logits_V[ids] -= p.frequency_penalty * counts.float() + p.presence_penalty
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=dev)
+        logits_V.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=dev))
 
 
 def test_top_k_keeps_k_tokens():
@@ -53,18 +76,12 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
     logits = torch.tensor([[4.0, -2.0, 3.0, 1.0]])
     tokens, _ = sample(logits, [_req([0], [1], repetition_penalty=2.0)])
     assert tokens == [2]  # 4 -> 2 for the prompt token 0, so token 2 (3.0) wins
-    from afdserve.sampler import adjust_logits
-
-    row = logits[0].clone()
-    adjust_logits(row, _req([0], [1], repetition_penalty=2.0))
-    assert row.tolist() == [2.0, -4.0, 3.0, 1.0]
+    assert _adjusted(logits[0], _req([0], [1], repetition_penalty=2.0)).tolist() == [2.0, -4.0, 3.0, 1.0]
 
 
 def test_frequency_and_presence_penalties_count_output_tokens_only():
-    from afdserve.sampler import adjust_logits
-
-    row = torch.tensor([5.0, 5.0, 5.0, 5.0])
-    adjust_logits(row, _req([3], [0, 0, 1], frequency_penalty=0.5, presence_penalty=1.0))
+    row = _adjusted(torch.tensor([5.0, 5.0, 5.0, 5.0]), _req([3], [0, 0, 1], frequency_penalty=0.5,
+                                                             presence_penalty=1.0))
     assert row.tolist() == [5.0 - 1.0 - 1.0, 5.0 - 0.5 - 1.0, 5.0, 5.0]  # token 3 only in the prompt
 
 
@@ -87,39 +104,85 @@ def test_penalty_and_bias_validation(params, name):
     assert e.value.param == name
 
 
-def test_device_penalties_and_bias_equal_the_host_ones():
-    """``sample_on_device`` (all rows at once, no host sync) adjusts the logits as the host
-    sampler does row by row: repetition (prompt and output), frequency, presence, logit bias;
-    a token still in flight (``pending``) counts as output. Greedy tokens and logprobs compared."""
-    from afdserve.sampler import sample_on_device
-
-    gen = torch.Generator().manual_seed(3)
-    v, n = 40, 60
-    logits_NV = torch.randn(n, v, generator=gen) * 2
-    pending_tokens = torch.randint(0, v, (n,), generator=gen)
-    device_reqs, host_reqs = [], []
+def _random_requests(n: int, v: int, gen: torch.Generator) -> list[Request]:
+    """Penalties of every kind (some < 1 or negative: they reward repeats), logit bias also on
+    seen tokens, prompts and outputs with repeated tokens, some requests plain."""
+    reqs = []
     for i in range(n):
         kw = {"repetition_penalty": [1.0, 1.7, 0.6][i % 3], "frequency_penalty": [0.0, 0.9, -0.5][i % 5 % 3],
               "presence_penalty": [0.0, 1.2, -0.8][i % 7 % 3]}
-        if i % 4 == 0:
-            kw["logit_bias"] = {int(torch.randint(0, v, (1,), generator=gen)): 4.0, 3: -2.5}
-        params = SamplingParams(temperature=0, logprobs=2, **kw)
         prompt = torch.randint(0, v, (1 + i % 6,), generator=gen).tolist()
-        out = torch.randint(0, v, (i % 9,), generator=gen).tolist()
-        late = i % 2 == 0
-        dev_req = Request(str(i), prompt, params)
-        dev_req.output_token_ids, dev_req.num_pending = list(out), int(late)
-        host_req = Request(str(i), prompt, params)
-        host_req.output_token_ids = out + ([int(pending_tokens[i])] if late else [])
-        device_reqs.append(dev_req)
-        host_reqs.append(host_req)
-    index = {id(r): i for i, r in enumerate(device_reqs)}
-    got = sample_on_device(logits_NV, device_reqs, torch.Generator(), (pending_tokens, index))
-    want_tokens, want_lp = sample(logits_NV, host_reqs)
+        if i % 4 == 0:
+            kw["logit_bias"] = {prompt[0]: 4.0, 3: -2.5}
+        req = Request(str(i), prompt, SamplingParams(temperature=0, logprobs=2, **kw))
+        req.output_token_ids = torch.randint(0, v, (i % 9,), generator=gen).tolist()
+        reqs.append(req)
+    return reqs
+
+
+def test_batched_adjustment_equals_the_per_row_one():
+    """``adjust_batch`` (every row in a fixed number of launches; both samplers use it) gives
+    each row what ``_adjust_one_row`` gives it one row at a time."""
+    from afdserve.sampler import _counts_from_host, adjust_batch
+
+    gen = torch.Generator().manual_seed(3)
+    v = 40
+    reqs = _random_requests(60, v, gen)
+    raw_NV = torch.randn(len(reqs), v, generator=gen) * 2
+    got = adjust_batch(raw_NV, reqs, lambda rs: _counts_from_host(rs, v, "cpu"))
+    want = raw_NV.clone()
+    for i, req in enumerate(reqs):
+        _adjust_one_row(want[i], req)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got, raw_NV)
+
+
+def test_penalty_table_counts_tokens_once_including_the_one_in_flight():
+    """The device table: a token sampled on the device counts at once (before the host reads
+    it) and not again when the host appends it; tokens sampled on the host are caught up; a
+    finished request's row is reused, cleared."""
+    from afdserve.sampler import PenaltyTable
+
+    v = 10
+    table = PenaltyTable(v, "cpu")
+    a = Request("a", [1, 1, 2], SamplingParams(temperature=0, frequency_penalty=1.0))
+    a.output_token_ids = [4, 4]
+    counts, prompt = table.gather([a])
+    assert counts[0].tolist() == [0, 0, 0, 0, 2, 0, 0, 0, 0, 0] and prompt[0].nonzero()[:, 0].tolist() == [1, 2]
+    table.add([a], torch.tensor([7]))  # sampled on the device, still in flight
+    assert table.gather([a])[0][0, 7] == 1
+    a.output_token_ids.append(7)  # the host reads it
+    a.output_token_ids.append(5)  # a synchronous step sampled this one on the host
+    counts, _ = table.gather([a])
+    assert counts[0].tolist() == [0, 0, 0, 0, 2, 1, 0, 1, 0, 0]
+    a.status = RequestStatus.FINISHED
+    b = Request("b", [3], SamplingParams(temperature=0, presence_penalty=1.0))
+    counts, prompt = table.gather([b])
+    assert counts.sum() == 0 and prompt[0].nonzero()[:, 0].tolist() == [3]
+    assert len(table.rows) == 1
+
+
+def test_device_sampler_with_the_table_equals_the_host_sampler():
+    """Greedy tokens and logprobs of ``sample_on_device`` (counts from a table filled in another
+    order, the last token added on the device) equal the host sampler's."""
+    from afdserve.sampler import PenaltyTable, sample_on_device
+
+    gen = torch.Generator().manual_seed(4)
+    v = 40
+    reqs = _random_requests(60, v, gen)
+    table = PenaltyTable(v, "cpu")
+    table.gather([r for r in reversed(reqs) if r.params.penalizes])  # rows in another order
+    last = torch.randint(0, v, (len(reqs),), generator=gen)
+    penalised = [i for i, r in enumerate(reqs) if r.params.penalizes]
+    table.add([reqs[i] for i in penalised], last[penalised])  # each one's token still in flight
+    logits_NV = torch.randn(len(reqs), v, generator=gen) * 2
+    got = sample_on_device(logits_NV, reqs, torch.Generator(), table)
+    for i in penalised:
+        reqs[i].output_token_ids.append(int(last[i]))  # the host's view once it read them
+    want_tokens, want_lp = sample(logits_NV, reqs)
     assert got.tokens_N.tolist() == want_tokens
-    assert got.lp_rows == list(range(n))
     top_lp, top_ids = got.top_lp_RW.tolist(), got.top_ids_RW.tolist()
-    for i in range(n):
+    for i in range(len(reqs)):
         entry = {want_tokens[i]: float(got.token_lp_R[i])} | dict(zip(top_ids[i][:2], top_lp[i][:2]))
         assert entry.keys() == want_lp[i].keys()
         assert list(entry.values()) == pytest.approx([want_lp[i][t] for t in entry], abs=1e-6)
