@@ -57,6 +57,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                    help="dummy: random weights at the checkpoint's shapes (benchmarks, no download)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
+                   help="decode batch sizes captured as CUDA graphs (per micro-batch when disaggregated); one "
+                        "value N: the default ladder up to N (default: up to --max-num-seqs)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch the next step while the GPU runs this one (default: on for a "
                         "single-process GPU engine; steps with seeded sampling run synchronously)")
@@ -116,7 +119,8 @@ def _flag_kwargs(args: argparse.Namespace) -> dict:
                 enable_eplb=args.enable_eplb, num_redundant_experts=args.num_redundant_experts,
                 eplb_window_size=args.eplb_window_size, eplb_step_interval=args.eplb_step_interval,
                 eplb_threshold=args.eplb_threshold, expert_load_file=args.expert_load_file,
-                benchmark_skip_prefill=args.benchmark_skip_prefill, async_scheduling=args.async_scheduling)
+                benchmark_skip_prefill=args.benchmark_skip_prefill, async_scheduling=args.async_scheduling,
+                cuda_graph_sizes=args.cuda_graph_sizes)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

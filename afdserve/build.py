@@ -89,9 +89,9 @@ def build_local_engine(cfg: EngineConfig, show_progress: bool = False) -> Engine
                       cfg.cache.block_size, micro_batches=1, skip_prefill=cfg.scheduler.benchmark_skip_prefill)
     executor = SerialExecutor(attn, experts, kv)
     if device.type == "cuda" and not cfg.enforce_eager:
-        from afdserve.cuda_graphs import GraphedExecutor
+        from afdserve.cuda_graphs import GraphedExecutor, capture_sizes
 
-        executor = GraphedExecutor(executor, cfg.scheduler.max_num_seqs, cfg.max_model_len, cfg.cache.block_size)
+        executor = GraphedExecutor(executor, capture_sizes(cfg), cfg.max_model_len, cfg.cache.block_size)
     async_scheduling = cfg.scheduler.async_scheduling
     return Engine(attn, executor, sched, cfg.max_model_len, tokenizer,
                   eos_token_ids(cfg.model, mc, tokenizer), device=device, seed=cfg.seed,

@@ -155,8 +155,17 @@ class SchedulerConfig:
     # Steps with a seeded sampling request (its generator lives on the host) run synchronously;
     # logprobs, penalties and logit bias are computed on the device.
     async_scheduling: bool | None = None
+    # vLLM's --cuda-graph-sizes: decode batch sizes captured as CUDA graphs (per micro-batch when
+    # disaggregated). None: a ladder up to the largest decode batch (max_num_seqs, within the
+    # token budget); one value N: that ladder up to N; several: exactly those sizes.
+    cuda_graph_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.cuda_graph_sizes is not None:
+            sizes = tuple(self.cuda_graph_sizes)
+            if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
+                raise ConfigError(f"cuda_graph_sizes must be positive integers, got {list(sizes)}")
+            object.__setattr__(self, "cuda_graph_sizes", sizes)
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

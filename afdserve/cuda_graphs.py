@@ -21,6 +21,7 @@ import contextlib
 
 import torch
 
+from afdserve.config import ConfigError
 from afdserve.layers.attention import AttnMeta
 from afdserve.runner import MicroBatchInput, SerialExecutor
 from afdserve.transport.groups import STARTUP_TIMEOUT_S
@@ -33,6 +34,23 @@ def buckets(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512]
     sizes += range(640, max_batch, 128)
     return [b for b in sizes if b < max_batch] + [max_batch]
+
+
+def capture_sizes(cfg) -> list[int]:
+    """The batch sizes an engine captures (``cfg.scheduler.cuda_graph_sizes``, vLLM's rules):
+    decode batches are at most max_num_seqs and at most the token budget."""
+    sched = cfg.scheduler
+    largest = min(sched.max_num_seqs, sched.max_num_batched_tokens)
+    asked = sched.cuda_graph_sizes
+    if asked is None:
+        return buckets(largest)
+    if len(asked) == 1:
+        return buckets(min(asked[0], largest))
+    sizes = sorted({b for b in asked if b <= largest})
+    if not sizes:
+        raise ConfigError(f"cuda_graph_sizes {list(asked)}: none is at most the largest decode batch, {largest} "
+                          "(max_num_seqs, within max_num_batched_tokens)")
+    return sizes
 
 
 def bucket_of(num_rows: int, sizes) -> int | None:
@@ -103,15 +121,16 @@ class _Graph:
 
 
 class GraphedExecutor:
-    """SerialExecutor whose single-micro-batch decode steps replay captured CUDA graphs."""
+    """SerialExecutor whose single-micro-batch decode steps replay captured CUDA graphs
+    (``sizes``: the batch sizes captured, ``capture_sizes``)."""
 
-    def __init__(self, executor: SerialExecutor, max_batch: int, max_model_len: int, block_size: int):
+    def __init__(self, executor: SerialExecutor, sizes: list[int], max_model_len: int, block_size: int):
         self.executor, self.max_ctx = executor, max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         device = executor.attn.embed_VD.device
         self.graphs: dict[int, _Graph] = {}
         pool = None
-        for b in sorted(buckets(max_batch), reverse=True):  # the largest sets the shared pool's size
+        for b in sorted(sizes, reverse=True):  # the largest sets the shared pool's size
             self.graphs[b] = _Graph(executor, b, self.max_blocks, max_model_len, device, pool)
             pool = self.graphs[b].graph.pool()
 
@@ -134,8 +153,8 @@ class PipelineGraphs:
     the placement, the transport and the load counts; after it gets a new placement, call
     ``capture`` again (the expert side recaptures in the same step)."""
 
-    def __init__(self, executor, max_batch: int, max_model_len: int, block_size: int):
-        self.executor, self.sizes = executor, buckets(max_batch)
+    def __init__(self, executor, sizes: list[int], max_model_len: int, block_size: int):
+        self.executor, self.sizes = executor, sizes
         self.max_blocks, self.max_ctx = -(-max_model_len // block_size), max_model_len
         self.device = executor.attn.embed_VD.device
         self.capture()
@@ -191,8 +210,8 @@ class ExpertGraphs:
     count against the announced size). After the executor gets new experts, call ``capture``
     again (the attention side recaptures in the same step)."""
 
-    def __init__(self, executor, max_batch: int):
-        self.executor, self.sizes = executor, buckets(max_batch)
+    def __init__(self, executor, sizes: list[int]):
+        self.executor, self.sizes = executor, sizes
         self.capture()
 
     def capture(self) -> None:

@@ -121,12 +121,6 @@ def step_graphs_enabled(cfg: EngineConfig, topo: Topology, transport) -> bool:
             and isinstance(transport, SlotTransport) and not topo.colocated)
 
 
-def graph_max_batch(cfg: EngineConfig) -> int:
-    """The largest micro-batch the step graphs are captured for (decode: one token per sequence,
-    within the token budget); both sides capture the same buckets up to it."""
-    return min(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens)
-
-
 def tp_all_reduce(group):
     def all_reduce(x: torch.Tensor) -> torch.Tensor:
         if x.numel():  # every rank of the group has the same shape, so all skip together

@@ -29,7 +29,6 @@ from afdserve.worker import (
     broadcast_object,
     broadcast_tensor,
     connect,
-    graph_max_batch,
     step_graphs_enabled,
     tp_all_reduce,
 )
@@ -61,9 +60,9 @@ class AttnWorker:
         self.executor = self._make_executor(spec, topo, groups, rank, kv)
         self.graphs = None  # whole decode steps in CUDA graphs (captured with the expert side's)
         if step_graphs_enabled(cfg, topo, self.executor.transport):
-            from afdserve.cuda_graphs import PipelineGraphs
+            from afdserve.cuda_graphs import PipelineGraphs, capture_sizes
 
-            self.graphs = PipelineGraphs(self.executor, graph_max_batch(cfg), cfg.max_model_len, cfg.cache.block_size)
+            self.graphs = PipelineGraphs(self.executor, capture_sizes(cfg), cfg.max_model_len, cfg.cache.block_size)
         self.sync = StepSync(topo, rank)
         self.engine, self.conn = None, None
         if self.leader:

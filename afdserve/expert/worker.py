@@ -19,7 +19,6 @@ from afdserve.worker import (
     StepSync,
     WorkerSpec,
     broadcast_object,
-    graph_max_batch,
     step_graphs_enabled,
     tp_all_reduce,
 )
@@ -48,9 +47,9 @@ class ExpertWorker:
                                                device=cfg.device)
         self.graphs = None  # whole steps in CUDA graphs (captured with the attention side's)
         if step_graphs_enabled(cfg, topo, transport):
-            from afdserve.cuda_graphs import ExpertGraphs
+            from afdserve.cuda_graphs import ExpertGraphs, capture_sizes
 
-            self.graphs = ExpertGraphs(self.executor, graph_max_batch(cfg))
+            self.graphs = ExpertGraphs(self.executor, capture_sizes(cfg))
         self.loader: threading.Thread | None = None
         self.next_experts: ExpertModel | None = None
         self.sync = StepSync(topo, rank, loading=lambda: self.loader is not None and self.loader.is_alive())
