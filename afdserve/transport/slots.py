@@ -32,12 +32,13 @@ are recorded on the device and raised by ``check`` (called at every step start a
 attention step) naming both ranks.
 
 CPU: the same buffers and protocol with torch ops and a host-side wait (for tests and CPU runs;
-it relies on the CPU's store order, as x86 gives).
+it relies on the CPU's store order, as x86 gives: refused on other CPUs).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import time
 import uuid
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from afdserve.transport.topology import Topology
 ERRORS = {1: "no message arrived within the timeout", 2: "the row count {v} is past what was expected",
           3: "the header names layer {v}", 4: "the peer reported an error of its own (see its log)"}
 _ALIGN = 256
+_TOTAL_STORE_ORDER = ("x86_64", "amd64", "i386", "i686")  # CPUs whose stores become visible in order
 
 
 class SlotTransportError(RuntimeError):
@@ -176,6 +178,9 @@ class SlotTransport:
         self.hidden_size, self.top_k, self.dtype = hidden_size, top_k, dtype
         self.device, self.capacity, self.slots, self.group = torch.device(device), capacity, slots, group
         self.timeout_s, self.cuda = timeout_s, torch.device(device).type == "cuda"
+        if not self.cuda and platform.machine().lower() not in _TOTAL_STORE_ORDER:
+            raise ValueError(f"{topology.describe(rank)}: the shared-slot transport's CPU path relies on x86's store "
+                             f"order, this CPU is {platform.machine()}; use --afd-transport p2p")
         attn = self.side == "attn"
         self.peers = topology.expert_leaders if attn else topology.attn_leaders
         self.index = role.group  # this leader's row in its peers' buffers
