@@ -156,8 +156,9 @@ class SchedulerConfig:
     # logprobs, penalties and logit bias are computed on the device.
     async_scheduling: bool | None = None
     # vLLM's --cuda-graph-sizes: decode batch sizes captured as CUDA graphs (per micro-batch when
-    # disaggregated). None: a ladder up to the largest decode batch (max_num_seqs, within the
-    # token budget); one value N: that ladder up to N; several: exactly those sizes.
+    # disaggregated). None: this engine's ladder (``cuda_graphs.buckets``) up to the largest decode
+    # batch (max_num_seqs, within the token budget); one value N: that ladder up to N; several:
+    # exactly those sizes.
     cuda_graph_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:

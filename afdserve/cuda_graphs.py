@@ -37,7 +37,8 @@ def buckets(max_batch: int) -> list[int]:
 
 
 def capture_sizes(cfg) -> list[int]:
-    """The batch sizes an engine captures (``cfg.scheduler.cuda_graph_sizes``, vLLM's rules):
+    """The batch sizes an engine captures (``cfg.scheduler.cuda_graph_sizes``, vLLM's flag; one
+    value N gives this engine's own ladder up to N, where vLLM's is 1, 2, 4, then steps of 8):
     decode batches are at most max_num_seqs and at most the token budget."""
     sched = cfg.scheduler
     largest = min(sched.max_num_seqs, sched.max_num_batched_tokens)

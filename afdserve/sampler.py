@@ -131,7 +131,7 @@ def _mark(dst_RV: torch.Tensor, pairs: list[tuple[int, int]], count: bool) -> No
 
 
 def _counts_from_host(reqs: list[Request], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    counts_RV = torch.zeros(len(reqs), vocab, device=device)
+    counts_RV = torch.zeros(len(reqs), vocab, dtype=torch.float32, device=device)
     prompt_RV = torch.zeros(len(reqs), vocab, dtype=torch.bool, device=device)
     _mark(counts_RV, [(r, t) for r, req in enumerate(reqs) for t in req.output_token_ids], count=True)
     _mark(prompt_RV, [(r, t) for r, req in enumerate(reqs) for t in req.prompt_token_ids], count=False)
@@ -147,7 +147,7 @@ class PenaltyTable:
 
     def __init__(self, vocab: int, device: torch.device | str):
         self.vocab, self.device = vocab, torch.device(device)
-        self.counts_SV = torch.zeros(0, vocab, device=self.device)
+        self.counts_SV = torch.zeros(0, vocab, dtype=torch.float32, device=self.device)
         self.prompt_SV = torch.zeros(0, vocab, dtype=torch.bool, device=self.device)
         self.rows: dict[int, tuple[int, Request]] = {}  # id(request) -> (row, request)
         self.counted: dict[int, int] = {}  # id(request) -> output tokens counted (a prefix)
@@ -169,7 +169,8 @@ class PenaltyTable:
     def add(self, reqs: list[Request], tokens_R: torch.Tensor) -> None:
         """Count each request's newly sampled token (on the device, no host sync)."""
         rows_R = to_device([self.rows[id(req)][0] for req in reqs], torch.int64, self.device)
-        self.counts_SV.index_put_((rows_R, tokens_R), torch.ones(len(reqs), device=self.device), accumulate=True)
+        ones_R = torch.ones(len(reqs), dtype=torch.float32, device=self.device)
+        self.counts_SV.index_put_((rows_R, tokens_R), ones_R, accumulate=True)
         for req in reqs:
             self.counted[id(req)] += 1
 

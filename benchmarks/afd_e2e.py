@@ -136,7 +136,7 @@ def run_layout(model_dir: str, cfg: dict, lay: Layout, batches: list[int], input
         os.environ["AFDSERVE_OP_TIMING"] = timing_dir
     seq_len = input_len + output_len + 1
     bmax = max(batches)
-    # graphs only for the micro-batch sizes this run has (each batch split over m; the warm-up's 1),
+    # graphs only for the micro-batch sizes this run has (each replica's batch b split over m; the warm-up's 1),
     # not the whole ladder up to the largest batch: start-up in seconds
     sizes = sorted({1, 2, 4, 8} | {-(-b // lay.m) for b in batches})
     llm = LLM(model_dir, load_format="dummy", device=device, dtype=dtype_name(device), max_num_seqs=bmax,
