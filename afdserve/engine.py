@@ -96,7 +96,7 @@ class Engine:
         self.async_scheduling = async_scheduling
         self.device_generator = torch.Generator(device=device).manual_seed(seed)
         self._inflight: _InFlight | None = None
-        self._penalties: PenaltyTable | None = None  # async: penalised requests' counts on the device
+        self._penalties: PenaltyTable | None = None  # penalised requests' token counts, on the device
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float = 0.0) -> Request:
@@ -154,16 +154,20 @@ class Engine:
             c.request.num_computed += c.num_new
         logits_SV = sample_logits(self.attn, inputs, self.executor.run(inputs))
         sampling = [c.request for c in plan.chunks if c.samples]
-        if self._penalties is None and any(r.params.penalizes for r in sampling):
-            self._penalties = PenaltyTable(logits_SV.shape[1], logits_SV.device)
         launched = _InFlight.launch(sampling, sample_on_device(logits_SV, sampling, self.device_generator,
-                                                               self._penalties))
+                                                               self._penalty_table(logits_SV, sampling)))
         for req in sampling:
             req.num_pending += 1
         self.num_steps += 1
         done = self._read_inflight()  # the GPU runs the new step meanwhile
         self._inflight = launched
         return done
+
+    def _penalty_table(self, logits_SV: torch.Tensor, sampling: list[Request]) -> PenaltyTable | None:
+        """The penalised requests' token counts (made at the first one)."""
+        if self._penalties is None and any(r.params.penalizes for r in sampling):
+            self._penalties = PenaltyTable(logits_SV.shape[1], logits_SV.device)
+        return self._penalties
 
     def _may_run_next(self) -> list[Request]:
         """The running requests and the waiting ones the next step could admit (the scheduler
@@ -214,7 +218,7 @@ class Engine:
         for c in plan.chunks:
             c.request.num_computed += c.num_new
         sampling = [c.request for c in plan.chunks if c.samples]
-        tokens, logprobs = sample(logits_SV, sampling, self.generator)
+        tokens, logprobs = sample(logits_SV, sampling, self.generator, self._penalty_table(logits_SV, sampling))
         for req, token, lp in zip(sampling, tokens, logprobs):
             reason = append_token(req, token, lp, self.tokenizer, self.eos_ids, self.max_model_len)
             if reason is not None:

@@ -12,11 +12,14 @@ from afdserve.core import Request, SamplingParams
 from afdserve.layers.basic import to_device
 
 
-def sample(logits_NV: torch.Tensor, requests: list[Request],
-           default_generator: torch.Generator | None = None) -> tuple[list[int], list[dict[int, float] | None]]:
-    """One new token per row; greedy rows take the argmax (ties: lowest id)."""
+def sample(logits_NV: torch.Tensor, requests: list[Request], default_generator: torch.Generator | None = None,
+           penalties: PenaltyTable | None = None) -> tuple[list[int], list[dict[int, float] | None]]:
+    """One new token per row; greedy rows take the argmax (ties: lowest id). Penalties count
+    from ``penalties`` (caught up with the host's tokens) or, without one, from whole histories."""
     raw_NV = logits_NV.float()
-    logits_NV = adjust_batch(raw_NV, requests, lambda reqs: _counts_from_host(reqs, raw_NV.shape[1], raw_NV.device))
+    counts = penalties.gather if penalties is not None else (
+        lambda reqs: _counts_from_host(reqs, raw_NV.shape[1], raw_NV.device))
+    logits_NV = adjust_batch(raw_NV, requests, counts)
     tokens = torch.argmax(logits_NV, dim=-1).tolist()
     rows = [i for i, req in enumerate(requests) if not req.params.greedy]
     if rows:  # each row draws from its own CPU generator (its seed's, else the engine's)
@@ -140,9 +143,10 @@ def _counts_from_host(reqs: list[Request], vocab: int, device) -> tuple[torch.Te
 
 class PenaltyTable:
     """Output token counts and prompt tokens of the penalised requests, one row each, kept on
-    the device (async scheduling): a request's prompt and the tokens the host knows are added
-    once, each token sampled on the device is added there as it is sampled (the one still in
-    flight is counted too), so a step reads no whole history. Rows of finished requests are
+    the logits' device: a request's prompt and the tokens the host knows are added once (the
+    host sampler's tokens at the next step), each token sampled on the device is added there as
+    it is sampled (async scheduling: the one still in flight is counted too), so a step reads
+    no whole history. Rows of finished requests are
     reused. Memory: 5 bytes x vocab per row."""
 
     def __init__(self, vocab: int, device: torch.device | str):

@@ -186,3 +186,26 @@ def test_device_sampler_with_the_table_equals_the_host_sampler():
         entry = {want_tokens[i]: float(got.token_lp_R[i])} | dict(zip(top_ids[i][:2], top_lp[i][:2]))
         assert entry.keys() == want_lp[i].keys()
         assert list(entry.values()) == pytest.approx([want_lp[i][t] for t in entry], abs=1e-6)
+
+
+def test_host_sampler_with_the_table_over_many_steps():
+    """The synchronous engine's use of the table: step after step the host appends each token
+    and the table catches up one token per request; requests finish and new ones take their
+    rows. Every step's tokens equal the sampler that counts whole histories."""
+    from afdserve.sampler import PenaltyTable
+
+    gen = torch.Generator().manual_seed(5)
+    v = 30
+    table = PenaltyTable(v, "cpu")
+    live = _random_requests(12, v, gen)
+    fresh = _random_requests(24, v, gen)[12:]
+    for step in range(20):
+        logits_NV = torch.randn(len(live), v, generator=gen) * 2
+        with_table, _ = sample(logits_NV, live, penalties=table)
+        assert with_table == sample(logits_NV, live)[0], step
+        for req, token in zip(live, with_table):
+            req.output_token_ids.append(token)
+        if step % 4 == 3:  # one finishes, a new one arrives
+            live[0].status = RequestStatus.FINISHED
+            live = live[1:] + [fresh.pop()]
+    assert table.counts_SV.shape[0] <= 16  # finished requests' rows were reused
