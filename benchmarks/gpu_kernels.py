@@ -74,27 +74,35 @@ def expert_sweep(name: str, ceil: dict) -> list[dict]:
     return rows
 
 
+def decode_cases(name: str, batches: list[int], contexts: list[int], device: str = "cuda"):
+    """The decode-attention inputs of the sweeps: one random bf16 paged KV cache at the model's
+    attention shape, and per (context s, batch b) a query and metadata over random blocks.
+    Yields (s, b, run) with run(**kw) = decode_attention(...) of that case (kw: num_splits, config)."""
+    heads, g, hd = MODELS[name][4:]
+    nb = max(batches) * max(contexts) // BLOCK
+    k_cache = torch.randn(nb, BLOCK, g, hd, device=device, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    for s in contexts:
+        for b in batches:
+            tables = torch.randperm(nb, device=device)[:b * s // BLOCK].view(b, -1).tolist()
+            meta = AttnMeta(torch.zeros(b), torch.zeros(b), [1] * b, [s] * b, tables)
+            add_device_fields(meta, device)
+            q = torch.randn(b, heads, hd, device=device, dtype=torch.bfloat16)
+            yield s, b, lambda q=q, meta=meta, s=s, **kw: decode_attention(
+                q, k_cache, v_cache, meta.block_tables_BM, meta.ctx_lens_B, hd ** -0.5, s, **kw)
+
+
 def attention_sweep(name: str, ceil: dict) -> list[dict]:
     heads, g, hd = MODELS[name][4:]
-    nb = max(BATCHES) * max(CONTEXTS) // BLOCK
-    k_cache = torch.randn(nb, BLOCK, g, hd, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
     rows = []
-    for s in CONTEXTS:
-        for b in BATCHES:
-            per = s // BLOCK
-            tables = torch.randperm(nb, device="cuda")[:b * per].view(b, per).tolist()
-            meta = AttnMeta(torch.zeros(b), torch.zeros(b), [1] * b, [s] * b, tables)
-            add_device_fields(meta, "cuda")
-            q = torch.randn(b, heads, hd, device="cuda", dtype=torch.bfloat16)
-            eager, ms = both_ms(lambda: decode_attention(q, k_cache, v_cache, meta.block_tables_BM,  # noqa: B023
-                                                         meta.ctx_lens_B, hd ** -0.5, s))  # noqa: B023
-            nbytes = b * s * g * hd * 2 * 2 + 2 * b * heads * hd * 2 + b * per * 4
-            gbps = nbytes / ms / 1e6
-            frac = gbps / ceil["copy_gbps"]
-            rows.append({"model": name, "heads": heads, "kv_heads": g, "batch": b, "context": s, "ms": ms,
-                         "eager_ms": eager, "gbps": gbps, "frac_of_copy": frac,
-                         "meets_goal": s < 2048 or frac >= GOALS["attention"]})
+    for s, b, run in decode_cases(name, BATCHES, CONTEXTS):
+        eager, ms = both_ms(run)
+        nbytes = b * s * g * hd * 2 * 2 + 2 * b * heads * hd * 2 + b * (s // BLOCK) * 4
+        gbps = nbytes / ms / 1e6
+        frac = gbps / ceil["copy_gbps"]
+        rows.append({"model": name, "heads": heads, "kv_heads": g, "batch": b, "context": s, "ms": ms,
+                     "eager_ms": eager, "gbps": gbps, "frac_of_copy": frac,
+                     "meets_goal": s < 2048 or frac >= GOALS["attention"]})
     return rows
 
 

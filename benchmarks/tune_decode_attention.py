@@ -18,9 +18,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from afdserve.kernels.attention import _num_splits, decode_attention  # noqa: E402
-from afdserve.layers.attention import AttnMeta, add_device_fields  # noqa: E402
-from benchmarks.gpu_kernels import BLOCK, MODELS, ceilings  # noqa: E402
+from afdserve.kernels.attention import _num_splits  # noqa: E402
+from benchmarks.gpu_kernels import MODELS, ceilings, decode_cases  # noqa: E402
 from benchmarks.gpu_timing import graph_ms  # noqa: E402
 
 BATCHES, CONTEXTS = [1, 8, 16, 32, 64], [2048, 4096]
@@ -29,36 +28,25 @@ SPLIT_SCALES = (1, 2)
 
 
 def sweep(name: str, copy_gb_s: float) -> list[dict]:
-    heads, g, hd = MODELS[name][4:]
-    nb = max(BATCHES) * max(CONTEXTS) // BLOCK
-    k_cache = torch.randn(nb, BLOCK, g, hd, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
+    g, hd = MODELS[name][5:]
     rows = []
-    for s, b in itertools.product(CONTEXTS, BATCHES):
-        tables = torch.randperm(nb, device="cuda")[:b * s // BLOCK].view(b, -1).tolist()
-        meta = AttnMeta(torch.zeros(b), torch.zeros(b), [1] * b, [s] * b, tables)
-        add_device_fields(meta, "cuda")
-        q = torch.randn(b, heads, hd, device="cuda", dtype=torch.bfloat16)
-
-        def run(tile, splits):
-            return decode_attention(q, k_cache, v_cache, meta.block_tables_BM, meta.ctx_lens_B,  # noqa: B023
-                                    hd ** -0.5, s, num_splits=splits, config=tile)  # noqa: B023
-
-        want = run(None, None)
+    for s, b, run in decode_cases(name, BATCHES, CONTEXTS):
+        want = run()
         gb = b * s * g * hd * 4 / 1e9
-        default_ms = graph_ms(lambda: run(None, None))  # noqa: B023
+        default_ms = graph_ms(run)
         times = []
         for tile in TILES:
-            auto = _num_splits(b, g, s, tile["BLOCK_N"], q.device)
+            auto = _num_splits(b, g, s, tile["BLOCK_N"], torch.device("cuda"))
             for splits in sorted({max(1, min(64, round(auto * x))) for x in SPLIT_SCALES}):
                 try:
-                    got = run(tile, splits)
+                    got = run(num_splits=splits, config=tile)
                 except Exception as e:  # noqa: BLE001 (a tile that does not fit the shared memory)
                     times.append({"tile": tile, "splits": splits, "error": str(e)[:120]})
                     continue
                 ok = torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
                 times.append({"tile": tile, "splits": splits, "ok": ok,
-                              "ms": graph_ms(lambda: run(tile, splits)) if ok else None})  # noqa: B023
+                              "ms": graph_ms(lambda: run(num_splits=splits, config=tile))  # noqa: B023
+                              if ok else None})
         best = min((t for t in times if t.get("ms")), key=lambda t: t["ms"])
         rows.append({"model": name, "batch": b, "context": s, "gb": gb, "default_ms": default_ms,
                      "default_frac": gb / default_ms * 1e3 / copy_gb_s, "best": best,

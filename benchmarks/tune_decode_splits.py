@@ -16,36 +16,24 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from afdserve.kernels.attention import _num_splits, decode_attention  # noqa: E402
-from afdserve.layers.attention import AttnMeta, add_device_fields  # noqa: E402
-from benchmarks.gpu_kernels import BLOCK, MODELS  # noqa: E402
+from afdserve.kernels.attention import _num_splits  # noqa: E402
+from benchmarks.gpu_kernels import MODELS, decode_cases  # noqa: E402
 from benchmarks.gpu_timing import graph_ms  # noqa: E402
 
 BATCHES, CONTEXTS, SPLITS = [1, 8, 32, 128], [2048, 8192], [1, 2, 4, 8, 16, 32, 64]
 
 
 def sweep(name: str) -> list[dict]:
-    heads, g, hd = MODELS[name][4:]
-    nb = max(BATCHES) * max(CONTEXTS) // BLOCK
-    k_cache = torch.randn(nb, BLOCK, g, hd, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
+    g, hd = MODELS[name][5:]
     rows = []
-    for s in CONTEXTS:
-        for b in BATCHES:
-            tables = torch.randperm(nb, device="cuda")[:b * s // BLOCK].view(b, -1).tolist()
-            meta = AttnMeta(torch.zeros(b), torch.zeros(b), [1] * b, [s] * b, tables)
-            add_device_fields(meta, "cuda")
-            q = torch.randn(b, heads, hd, device="cuda", dtype=torch.bfloat16)
-            run = lambda n: decode_attention(q, k_cache, v_cache, meta.block_tables_BM,  # noqa: E731, B023
-                                             meta.ctx_lens_B, hd ** -0.5, s, num_splits=n)  # noqa: B023
-            times = {n: graph_ms(lambda: run(n)) for n in SPLITS}  # noqa: B023
-            auto = _num_splits(b, g, s, 64, q.device)
-            best = min(times, key=times.get)
-            gb = b * s * g * hd * 4 / 1e9
-            rows.append({"model": name, "batch": b, "context": s, "auto_splits": auto,
-                         "auto_ms": graph_ms(lambda: run(None)),  # noqa: B023
-                         "best_splits": best, "best_ms": times[best], "gb": gb,
-                         "all_ms": {str(n): v for n, v in times.items()}})
+    for s, b, run in decode_cases(name, BATCHES, CONTEXTS):
+        times = {n: graph_ms(lambda: run(num_splits=n)) for n in SPLITS}  # noqa: B023
+        auto = _num_splits(b, g, s, 64, torch.device("cuda"))
+        best = min(times, key=times.get)
+        gb = b * s * g * hd * 4 / 1e9
+        rows.append({"model": name, "batch": b, "context": s, "auto_splits": auto, "auto_ms": graph_ms(run),
+                     "best_splits": best, "best_ms": times[best], "gb": gb,
+                     "all_ms": {str(n): v for n, v in times.items()}})
     return rows
 
 

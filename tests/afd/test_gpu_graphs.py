@@ -63,22 +63,11 @@ def test_graphed_afd_one_request(tiny_models, reference):
 def test_graphs_recaptured_after_live_replacement(tiny_models, reference):
     """A new placement mid-generation: both sides capture their steps again (the old graphs
     read the old routing tables and experts) and the tokens stay the same."""
-    from afdserve.expert.balance import zipf_loads
+    from tests.afd.test_replacement import generate_through_replacement
 
     with LLM(tiny_models["mixtral"], device="cuda", dtype="float32", max_num_seqs=8, max_num_batched_tokens=48,
              layout="afd", afd_transport="ipc", attn_groups=2, expert_groups=3, micro_batches=2,
              num_redundant_experts=2) as llm:
-        engine = llm.engine
-        for i, (p, params) in enumerate(zip(_prompts(), _params(5))):
-            engine.add_request(str(i), p, params)
-        done, versions, steps = {}, [], 0
-        while engine.has_unfinished():
-            for req in engine.step():
-                if req.finished:
-                    done[req.request_id] = req.output_token_ids
-            steps += 1
-            if steps == 4:
-                engine.rebalance(zipf_loads(2, 8, 1.5, seed=3))
-            versions.append(engine.stats()["placement_version"])
+        done, versions = generate_through_replacement(llm.engine, _prompts(), _params(5))
         assert versions[-1] == 1 and versions.index(1) < len(versions) - 2
-    assert [done[str(i)] for i in range(5)] == reference
+    assert done == reference

@@ -22,27 +22,34 @@ def _prompts() -> list[list[int]]:
     return [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (4, 19, 33, 2, 11)]
 
 
+def generate_through_replacement(engine, prompts, params) -> tuple[list[list[int]], list[int]]:
+    """Run the requests to the end with a re-placement asked for at step 4 (mid-generation: a
+    skewed load makes a very different placement); returns each request's tokens and the
+    placement version after every step."""
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), p, sp)
+    done, versions, steps = {}, [], 0
+    while engine.has_unfinished():
+        for req in engine.step():
+            if req.finished:
+                done[req.request_id] = req.output_token_ids
+        steps += 1
+        if steps == 4:
+            engine.rebalance(zipf_loads(2, 8, 1.5, seed=3))
+        versions.append(engine.stats()["placement_version"])
+    return [done[str(i)] for i in range(len(prompts))], versions
+
+
 def test_tokens_identical_before_during_after_replacement(tiny_models):
     model = tiny_models["mixtral"]
     with LLM(model) as llm:
         ref = [o.outputs[0].token_ids for o in llm.generate(_prompts(), _params(40))]
     with LLM(model, attn_groups=2, expert_groups=3, micro_batches=2, num_redundant_experts=2) as llm:
-        engine = llm.engine
-        for i, p in enumerate(_prompts()):
-            engine.add_request(str(i), p, _params(40))
-        done, versions, steps = {}, [], 0
-        while engine.has_unfinished():
-            for req in engine.step():
-                if req.finished:
-                    done[req.request_id] = req.output_token_ids
-            steps += 1
-            if steps == 4:  # mid-generation: a skewed load makes a very different placement
-                engine.rebalance(zipf_loads(2, 8, 1.5, seed=3))
-            versions.append(engine.stats()["placement_version"])
+        done, versions = generate_through_replacement(llm.engine, _prompts(), [_params(40)] * len(_prompts()))
         assert versions[0] == 0 and versions[-1] == 1, "the new placement was applied while requests ran"
         assert versions.index(1) < len(versions) - 2, "requests kept running after the switch"
         after = llm.generate(_prompts()[:2], _params(40))
-    assert [done[str(i)] for i in range(5)] == ref
+    assert done == ref
     assert [o.outputs[0].token_ids for o in after] == ref[:2]
 
 
