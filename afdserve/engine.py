@@ -74,12 +74,7 @@ class _InFlight:
         """The tokens and each row's logprobs (None where not asked for)."""
         if self.copied is not None:
             self.copied.synchronize()
-        tokens = self.host[0].tolist()
-        s = self.sample
-        if not s.lp_rows:
-            return tokens, [None] * len(tokens)
-        token_lp, top_lp, top_ids = (t.tolist() for t in self.host[1:])
-        return tokens, DeviceSample.entries(s.lp_rows, s.lp_want, len(tokens), token_lp, top_lp, top_ids, tokens)
+        return self.host[0].tolist(), self.sample.logprob_entries(self.host)
 
 
 class Engine:

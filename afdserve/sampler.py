@@ -17,8 +17,7 @@ def sample(logits_NV: torch.Tensor, requests: list[Request], default_generator: 
     """One new token per row; greedy rows take the argmax (ties: lowest id). Penalties count
     from ``penalties`` (caught up with the host's tokens) or, without one, from whole histories."""
     raw_NV = logits_NV.float()
-    counts = penalties.gather if penalties is not None else (
-        lambda reqs: _counts_from_host(reqs, raw_NV.shape[1], raw_NV.device))
+    counts = penalties.gather if penalties else lambda reqs: PenaltyTable(raw_NV.shape[1], raw_NV.device).gather(reqs)
     logits_NV = adjust_batch(raw_NV, requests, counts)
     tokens = torch.argmax(logits_NV, dim=-1).tolist()
     rows = [i for i, req in enumerate(requests) if not req.params.greedy]
@@ -27,7 +26,10 @@ def sample(logits_NV: torch.Tensor, requests: list[Request], default_generator: 
         for i, probs_V in zip(rows, probs_RV):
             gen = requests[i].generator or default_generator
             tokens[i] = int(torch.multinomial(probs_V, 1, generator=gen).item())
-    return tokens, _logprobs(raw_NV, tokens, requests)
+    if all(req.params.logprobs is None for req in requests):
+        return tokens, [None] * len(tokens)
+    chosen = with_logprobs(raw_NV, to_device(tokens, torch.int64, raw_NV.device), requests)
+    return tokens, chosen.logprob_entries(chosen.tensors())
 
 
 def can_sample_on_device(req: Request) -> bool:
@@ -53,14 +55,31 @@ class DeviceSample:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.tokens_N, self.token_lp_R, self.top_lp_RW, self.top_ids_RW) if t is not None]
 
-    @staticmethod
-    def entries(lp_rows: list[int], lp_want: list[int], n: int, token_lp: list[float], top_lp: list[list[float]],
-                top_ids: list[list[int]], tokens: list[int]) -> list[dict[int, float] | None]:
-        """Per row, as the host sampler reports them: {token: logprob} plus the top entries."""
-        out: list[dict[int, float] | None] = [None] * n
-        for r, (i, w) in enumerate(zip(lp_rows, lp_want)):
-            out[i] = {tokens[i]: token_lp[r]} | ({t: v for t, v in zip(top_ids[r][:w], top_lp[r][:w])} if w else {})
+    def logprob_entries(self, host: list[torch.Tensor]) -> list[dict[int, float] | None]:
+        """Per row, from ``host`` (``tensors()`` as read on the host): {token: logprob} plus the
+        top entries, None where no logprobs were asked for."""
+        tokens = host[0].tolist()
+        out: list[dict[int, float] | None] = [None] * len(tokens)
+        if not self.lp_rows:
+            return out
+        token_lp, top_lp, top_ids = (t.tolist() for t in host[1:])
+        for r, (i, w) in enumerate(zip(self.lp_rows, self.lp_want)):
+            out[i] = {tokens[i]: token_lp[r]} | {t: v for t, v in zip(top_ids[r][:w], top_lp[r][:w])}
         return out
+
+
+def with_logprobs(raw_NV: torch.Tensor, tokens_N: torch.Tensor, requests: list[Request]) -> DeviceSample:
+    """The chosen tokens and, for the rows that ask, logprobs of the raw model distribution
+    (the chosen token's and the top ones), all on the logits' device."""
+    out = DeviceSample(tokens_N)
+    want = [(i, req.params.logprobs) for i, req in enumerate(requests) if req.params.logprobs is not None]
+    if want:
+        out.lp_rows, out.lp_want = [i for i, _ in want], [w for _, w in want]
+        rows_R = to_device(out.lp_rows, torch.int64, raw_NV.device)
+        lp_RV = torch.log_softmax(raw_NV.index_select(0, rows_R), dim=-1)
+        out.token_lp_R = lp_RV.gather(1, tokens_N.index_select(0, rows_R)[:, None])[:, 0]
+        out.top_lp_RW, out.top_ids_RW = lp_RV.topk(max(max(out.lp_want), 1), dim=-1)
+    return out
 
 
 def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator: torch.Generator,
@@ -86,23 +105,15 @@ def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator
     if penalised:
         chosen_R = tokens_N.index_select(0, to_device(penalised, torch.int64, dev))
         penalties.add([requests[i] for i in penalised], chosen_R)
-    out = DeviceSample(tokens_N)
-    want = [(i, req.params.logprobs) for i, req in enumerate(requests) if req.params.logprobs is not None]
-    if want:
-        out.lp_rows, out.lp_want = [i for i, _ in want], [w for _, w in want]
-        rows_R = to_device(out.lp_rows, torch.int64, dev)
-        lp_RV = torch.log_softmax(raw_NV.index_select(0, rows_R), dim=-1)
-        out.token_lp_R = lp_RV.gather(1, tokens_N.index_select(0, rows_R)[:, None])[:, 0]
-        out.top_lp_RW, out.top_ids_RW = lp_RV.topk(max(max(out.lp_want), 1), dim=-1)
-    return out
+    return with_logprobs(raw_NV, tokens_N, requests)
 
 
 def adjust_batch(raw_NV: torch.Tensor, requests: list[Request], output_counts) -> torch.Tensor:
     """The logits with every row's penalties and logit bias applied (a copy; the raw ones when
     nothing applies), all rows in a fixed number of launches, in vLLM's order: repetition penalty
     (prompt and output tokens), frequency and presence penalties (output tokens), logit bias.
-    tests/test_sampler.py keeps a one-row reference. ``output_counts(reqs)``: float32
-    [R, V] output token counts and bool [R, V] prompt tokens of the penalised requests."""
+    tests/test_sampler.py keeps a one-row reference. ``output_counts(reqs)`` (``PenaltyTable.gather``):
+    float32 [R, V] output token counts and bool [R, V] prompt tokens of the penalised requests."""
     rows = [i for i, req in enumerate(requests) if req.params.penalizes]
     biased = [(i, t, b) for i, req in enumerate(requests) for t, b in req.params.logit_bias.items()]
     if not rows and not biased:
@@ -131,14 +142,6 @@ def _mark(dst_RV: torch.Tensor, pairs: list[tuple[int, int]], count: bool) -> No
     if pairs:
         at = tuple(to_device([x[j] for x in pairs], torch.int64, dst_RV.device) for j in (0, 1))
         dst_RV.index_put_(at, torch.ones(len(pairs), dtype=dst_RV.dtype, device=dst_RV.device), accumulate=count)
-
-
-def _counts_from_host(reqs: list[Request], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    counts_RV = torch.zeros(len(reqs), vocab, dtype=torch.float32, device=device)
-    prompt_RV = torch.zeros(len(reqs), vocab, dtype=torch.bool, device=device)
-    _mark(counts_RV, [(r, t) for r, req in enumerate(reqs) for t in req.output_token_ids], count=True)
-    _mark(prompt_RV, [(r, t) for r, req in enumerate(reqs) for t in req.prompt_token_ids], count=False)
-    return counts_RV, prompt_RV
 
 
 class PenaltyTable:
@@ -225,23 +228,3 @@ def probs_batch(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.
         drop_RV = sorted_RV.cumsum(dim=-1) - sorted_RV > top_p_R1
         probs_RV = probs_RV.scatter(1, idx_RV, sorted_RV.masked_fill(drop_RV, 0.0))
     return probs_RV / probs_RV.sum(dim=-1, keepdim=True)
-
-
-def _logprobs(logits_NV: torch.Tensor, tokens: list[int],
-              requests: list[Request]) -> list[dict[int, float] | None]:
-    """Logprobs of the raw model distribution: the sampled token plus the top ``logprobs``."""
-    out: list[dict[int, float] | None] = []
-    want = [r.params.logprobs for r in requests]
-    if all(w is None for w in want):
-        return [None] * len(requests)
-    lp_NV = torch.log_softmax(logits_NV, dim=-1)
-    for i, w in enumerate(want):
-        if w is None:
-            out.append(None)
-            continue
-        entry = {tokens[i]: float(lp_NV[i, tokens[i]])}
-        if w > 0:
-            top = torch.topk(lp_NV[i], w)
-            entry |= {int(t): float(v) for t, v in zip(top.indices, top.values)}
-        out.append(entry)
-    return out

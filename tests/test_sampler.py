@@ -14,9 +14,9 @@ def _probs(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def _adjusted(row_V: torch.Tensor, req: Request) -> torch.Tensor:
-    from afdserve.sampler import _counts_from_host, adjust_batch
+    from afdserve.sampler import PenaltyTable, adjust_batch
 
-    return adjust_batch(row_V[None], [req], lambda rs: _counts_from_host(rs, row_V.numel(), "cpu"))[0]
+    return adjust_batch(row_V[None], [req], PenaltyTable(row_V.numel(), "cpu").gather)[0]
 
 
 def _adjust_one_row(logits_V: torch.Tensor, req: Request) -> None:
@@ -123,13 +123,13 @@ def _random_requests(n: int, v: int, gen: torch.Generator) -> list[Request]:
 def test_batched_adjustment_equals_the_per_row_one():
     """``adjust_batch`` (every row in a fixed number of launches; both samplers use it) gives
     each row what ``_adjust_one_row`` gives it one row at a time."""
-    from afdserve.sampler import _counts_from_host, adjust_batch
+    from afdserve.sampler import PenaltyTable, adjust_batch
 
     gen = torch.Generator().manual_seed(3)
     v = 40
     reqs = _random_requests(60, v, gen)
     raw_NV = torch.randn(len(reqs), v, generator=gen) * 2
-    got = adjust_batch(raw_NV, reqs, lambda rs: _counts_from_host(rs, v, "cpu"))
+    got = adjust_batch(raw_NV, reqs, PenaltyTable(v, "cpu").gather)
     want = raw_NV.clone()
     for i, req in enumerate(reqs):
         _adjust_one_row(want[i], req)
