@@ -118,7 +118,7 @@ def step_graphs_enabled(cfg: EngineConfig, topo: Topology, transport) -> bool:
     from afdserve.transport.slots import SlotTransport
 
     return (cfg.device.startswith("cuda") and not cfg.enforce_eager and topo.tp_a == 1 and topo.tp_e == 1
-            and isinstance(transport, SlotTransport) and not topo.colocated)
+            and isinstance(transport, SlotTransport))
 
 
 def tp_all_reduce(group):

@@ -39,13 +39,12 @@ class Groups:
     expert_tp: list[dist.ProcessGroup]
     a2e: dist.ProcessGroup  # every group leader; only leaders may use it
     e2a: dist.ProcessGroup
-    startup: dist.ProcessGroup | None = None  # every rank, Gloo, the long start-up timeout
+    startup: dist.ProcessGroup  # every rank, Gloo, the long start-up timeout
 
     def wait_for_all(self) -> None:
         """Meet every rank once its weights are loaded (before the first collective with the
         other side): loading may take longer than the groups' timeout, this wait may not."""
-        if self.startup is not None:
-            dist.barrier(group=self.startup)
+        dist.barrier(group=self.startup)
 
     @property
     def role(self) -> RankRole:
