@@ -27,12 +27,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine and parallel options, vLLM's spelling where vLLM has one."""
     p.add_argument("--plan", default=None,
                    help="plan file from `afdserve plan`: sets the parallel options and max-num-seqs")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (the GPU when there is one)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "half", "float32", "float"],
+                   help="auto: the checkpoint's bfloat16/float16 on GPU (float16 for float32 checkpoints), "
+                        "float32 on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: 256 on GPU, 64 on CPU")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step (default: 8192 on GPU, 512 on CPU)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-gb", type=float, default=None,
@@ -42,7 +45,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-groups", "--data-parallel-size", "-dp", type=int, default=1, dest="attn_groups",
                    help="attention replicas (data parallel); with --layout colocated, the number of processes")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
-                   help="vLLM's spelling: the tensor parallel size of attention and expert groups alike")
+                   help="vLLM's spelling: the tensor parallel size of attention and expert groups alike; "
+                        "disaggregated, every group has its own GPUs: -tp 2 with one attention and one expert "
+                        "group runs 4 processes")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="vLLM's spelling: with --data-parallel-size N, the colocated layout (experts split over "
                         "the N processes)")

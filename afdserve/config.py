@@ -44,6 +44,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    torch_dtype: str = "float32"  # the checkpoint's dtype (config.json's torch_dtype / dtype)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -101,6 +102,7 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
             bos_token_id=hf.get("bos_token_id"),
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
         )
 
 
@@ -291,23 +293,83 @@ class EngineConfig:
 
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig, "eplb": EplbConfig}
+# vLLM-like batch limits on a GPU; the CPU keeps SchedulerConfig's small ones (64 sequences, 512 tokens)
+GPU_SCHEDULER_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
+DTYPE_NAMES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+               "half": "float16"}  # vLLM's --dtype spellings, plus "auto"
 
 
-def make_config(model: str, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+def resolve_device(device: str) -> str:
+    """``auto``: ``$AFDSERVE_DEVICE`` when set (the test suite sets cpu), else the GPU when torch
+    sees one, else the CPU."""
+    if device != "auto":
+        return device
+    if os.environ.get("AFDSERVE_DEVICE"):
+        return os.environ["AFDSERVE_DEVICE"]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str, model_config: ModelConfig) -> str:
+    """vLLM's ``auto`` on a GPU: the checkpoint's bfloat16 or float16, float16 for a float32
+    checkpoint. On the CPU ``auto`` is float32 (the CPU path is the reference one)."""
+    if dtype == "auto":
+        if not device.startswith("cuda"):
+            return "float32"
+        return {"bfloat16": "bfloat16"}.get(model_config.torch_dtype, "float16")
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError(f"unsupported dtype {dtype!r}; choose auto or one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def resolve_model(model: str, load_format: str = "safetensors") -> str:
+    """A local model directory, or a Hugging Face Hub id (``org/name``) fetched into the Hub
+    cache like vLLM does (only the config and tokenizer for ``load_format="dummy"``)."""
+    if os.path.isdir(model) or model.count("/") != 1 or model.startswith((".", "/", "~")):
+        return model
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return model
+    patterns = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+    if load_format != "dummy":
+        patterns.append("*.safetensors")
+    try:
+        return snapshot_download(model, allow_patterns=patterns)
+    except Exception as e:  # noqa: BLE001 -- no network, unknown repo, gated repo: say which
+        raise ConfigError(f"{model!r} is not a local directory and could not be fetched from the Hugging Face "
+                          f"Hub: {type(e).__name__}: {e}") from e
+
+
+def make_config(model: str, device: str = "auto", dtype: str = "auto", seed: int = 0,
                 router_skew: float = 0.0, load_format: str = "safetensors", enforce_eager: bool = False,
                 dist_timeout_s: float = 120.0, **options) -> EngineConfig:
     """The config tree from flat keywords: any field of CacheConfig, SchedulerConfig,
     ParallelConfig or EplbConfig by name (the CLI's flags have the same names)."""
+    device = resolve_device(device)
+    for key, on_gpu in GPU_SCHEDULER_DEFAULTS.items():  # None or left out: the device's default
+        if options.get(key) is None:
+            options.pop(key, None)
+            if device.startswith("cuda"):
+                options[key] = on_gpu
     sections: dict[str, dict] = {name: {} for name in _SECTIONS}
     for key, value in options.items():
         owner = next((name for name, cls in _SECTIONS.items() if key in cls.__dataclass_fields__), None)
         if owner is None:
             raise ConfigError(f"unknown engine option {key!r}")
         sections[owner][key] = value
-    cfg = EngineConfig(model=model, model_config=ModelConfig.from_dir(model), device=device, dtype=dtype, seed=seed,
+    model = resolve_model(model, load_format)
+    model_config = ModelConfig.from_dir(model)
+    dtype = resolve_dtype(dtype, device, model_config)
+    cfg = EngineConfig(model=model, model_config=model_config, device=device, dtype=dtype, seed=seed,
                        router_skew=router_skew, load_format=load_format, enforce_eager=enforce_eager,
                        dist_timeout_s=dist_timeout_s, **{k: _SECTIONS[k](**v) for k, v in sections.items()})
     cfg.max_model_len  # noqa: B018 -- validates max_model_len now, not at the first request
+    blocks = cfg.cache.num_kv_blocks
+    if blocks is not None and blocks * cfg.cache.block_size < cfg.max_model_len:
+        raise ConfigError(f"num_kv_blocks={blocks} blocks of {cfg.cache.block_size} tokens cannot hold one sequence "
+                          f"of max_model_len={cfg.max_model_len}; raise num_kv_blocks or lower max_model_len")
     if cfg.parallel.colocated and cfg.eplb.enable_eplb:
         raise ConfigError("live expert re-placement (enable_eplb) is not supported with the colocated layout yet; "
                           "use num_redundant_experts or expert_load_file for a static placement")

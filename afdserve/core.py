@@ -39,11 +39,14 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
     repetition_penalty: float = 1.0  # tokens of the prompt or output: logit / p if > 0, else logit * p
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    allowed_token_ids: list[int] | None = None  # only these tokens can be sampled
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.logit_bias = _token_bias(self.logit_bias)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = sorted(set(self.allowed_token_ids))
         self.top_k = 0 if self.top_k in (-1, None) else self.top_k
         checks = [
             ("n", self.n >= 1, "must be at least 1"),
@@ -59,6 +62,8 @@ class SamplingParams:
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("repetition_penalty", 0 < self.repetition_penalty <= 10, "must be in (0, 10]"),
             ("logit_bias", all(-100 <= b <= 100 for b in self.logit_bias.values()), "values must be in [-100, 100]"),
+            ("allowed_token_ids", self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+             "must not be empty"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -74,7 +79,7 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         """Whether penalties or a logit bias change the logits before sampling."""
-        return self.penalizes or bool(self.logit_bias)
+        return self.penalizes or bool(self.logit_bias) or self.allowed_token_ids is not None
 
     @property
     def penalizes(self) -> bool:

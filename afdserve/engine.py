@@ -43,6 +43,10 @@ def validate_request(ids: list[int], params: SamplingParams, vocab_size: int, ma
     if bad:
         raise InvalidRequest(f"logit_bias token id {bad[0]} is out of the vocabulary (0..{vocab_size - 1})",
                              param="logit_bias")
+    bad = [t for t in params.allowed_token_ids or [] if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(f"allowed_token_ids: token id {bad[0]} is out of the vocabulary (0..{vocab_size - 1})",
+                             param="allowed_token_ids")
 
 
 @dataclass

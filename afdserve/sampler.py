@@ -111,12 +111,14 @@ def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator
 def adjust_batch(raw_NV: torch.Tensor, requests: list[Request], output_counts) -> torch.Tensor:
     """The logits with every row's penalties and logit bias applied (a copy; the raw ones when
     nothing applies), all rows in a fixed number of launches, in vLLM's order: repetition penalty
-    (prompt and output tokens), frequency and presence penalties (output tokens), logit bias.
+    (prompt and output tokens), frequency and presence penalties (output tokens), logit bias, then
+    allowed_token_ids (all other tokens of the row to -inf).
     tests/test_sampler.py keeps a one-row reference. ``output_counts(reqs)`` (``PenaltyTable.gather``):
     float32 [R, V] output token counts and bool [R, V] prompt tokens of the penalised requests."""
     rows = [i for i, req in enumerate(requests) if req.params.penalizes]
     biased = [(i, t, b) for i, req in enumerate(requests) for t, b in req.params.logit_bias.items()]
-    if not rows and not biased:
+    allowed = [(i, t) for i, req in enumerate(requests) for t in req.params.allowed_token_ids or []]
+    if not rows and not biased and not allowed:
         return raw_NV
     dev, out_NV = raw_NV.device, raw_NV.clone()
     if rows:
@@ -134,7 +136,22 @@ def adjust_batch(raw_NV: torch.Tensor, requests: list[Request], output_counts) -
     if biased:
         rows_B, ids_B = (to_device([x[j] for x in biased], torch.int64, dev) for j in (0, 1))
         out_NV.index_put_((rows_B, ids_B), to_device([x[2] for x in biased], torch.float32, dev), accumulate=True)
+    finite(out_NV)
+    if allowed:  # vLLM's allowed_token_ids: every other token of those rows is masked out
+        keep_NV = torch.ones_like(out_NV, dtype=torch.bool)
+        keep_NV.index_fill_(0, to_device(sorted({i for i, _ in allowed}), torch.int64, dev), False)
+        _mark(keep_NV, allowed, count=False)
+        out_NV.masked_fill_(~keep_NV, float("-inf"))
     return out_NV
+
+
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """In place: +inf (a logit divided by a tiny penalty or temperature) becomes the largest
+    float32, NaN becomes -inf (never chosen), so sampling never sees a non-finite distribution."""
+    return x.nan_to_num_(nan=float("-inf"), posinf=_F32_MAX, neginf=float("-inf"))
 
 
 def _mark(dst_RV: torch.Tensor, pairs: list[tuple[int, int]], count: bool) -> None:
@@ -213,7 +230,7 @@ def probs_batch(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.
     min-p, then top-p (the smallest prefix of the sorted probabilities reaching top_p), renormalised."""
     v = logits_RV.shape[1]
     column = lambda xs, dtype: to_device(xs, dtype, logits_RV.device)[:, None]  # noqa: E731
-    x_RV = logits_RV / column([p.temperature for p in params], torch.float32)
+    x_RV = finite(logits_RV / column([p.temperature for p in params], torch.float32))
     top_k = [p.top_k if 0 < p.top_k < v else v for p in params]
     if any(k < v for k in top_k):
         kth_R1 = x_RV.sort(dim=-1, descending=True).values.gather(1, column([k - 1 for k in top_k], torch.int64))
@@ -227,4 +244,9 @@ def probs_batch(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.
         top_p_R1 = column([p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32)
         drop_RV = sorted_RV.cumsum(dim=-1) - sorted_RV > top_p_R1
         probs_RV = probs_RV.scatter(1, idx_RV, sorted_RV.masked_fill(drop_RV, 0.0))
-    return probs_RV / probs_RV.sum(dim=-1, keepdim=True)
+    total_R1 = probs_RV.sum(dim=-1, keepdim=True)
+    # a row whose logits were all NaN (no finite value left) takes token 0, like argmax
+    empty_R1 = ~(total_R1 > 0)
+    first_V = torch.zeros(v, dtype=probs_RV.dtype, device=probs_RV.device)
+    first_V[0] = 1.0
+    return torch.where(empty_R1, first_V, probs_RV / torch.where(empty_R1, 1.0, total_R1))

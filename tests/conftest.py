@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# the CPU suite stays on the CPU on a GPU machine too (its subprocesses inherit this): device
+# "auto" would otherwise take the GPU; GPU tests ask for device="cuda" by name
+os.environ.setdefault("AFDSERVE_DEVICE", "cpu")
 
 from afdserve.tiny import FAMILIES, make_tiny
 

@@ -39,7 +39,7 @@ def _both(model: str, prompts, params, **options) -> tuple[list, list, LLM]:
 def test_greedy_with_chunked_prefill_and_preemption(model):
     # a budget below the longest prompt chunks the prefill; 12 blocks of 16 tokens cannot hold
     # eight sequences of up to 74 tokens, so running requests (some with a token pending) are preempted
-    ref, got, llm = _both(model, _prompts(8), GREEDY, max_num_batched_tokens=20, num_kv_blocks=12)
+    ref, got, llm = _both(model, _prompts(8), GREEDY, max_num_batched_tokens=20, num_kv_blocks=12, max_model_len=192)
     with llm:
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.scheduler.blocks.num_free == llm.engine.scheduler.blocks.num_blocks

@@ -39,7 +39,7 @@ def test_chunked_prefill_and_preemption_keep_tokens(model):
         ref = _tokens(llm.generate(prompts, GREEDY))
     # budget below the longest prompt forces chunked prefill; 12 blocks of 16 cannot hold
     # 8 sequences of up to 74 tokens, so requests are preempted and recomputed
-    with LLM(model, max_num_batched_tokens=20, num_kv_blocks=12) as llm:
+    with LLM(model, max_num_batched_tokens=20, num_kv_blocks=12, max_model_len=192) as llm:
         got = _tokens(llm.generate(prompts, GREEDY))
         assert llm.engine.scheduler.num_preemptions > 0
     assert got == ref

@@ -209,3 +209,50 @@ def test_host_sampler_with_the_table_over_many_steps():
             live[0].status = RequestStatus.FINISHED
             live = live[1:] + [fresh.pop()]
     assert table.counts_SV.shape[0] <= 16  # finished requests' rows were reused
+
+
+@pytest.mark.parametrize("params", [
+    dict(repetition_penalty=1e-38, temperature=1.0),  # seen positive logits / 1e-38 -> inf
+    dict(repetition_penalty=1e-38, temperature=1e-4, top_p=0.5),
+    dict(repetition_penalty=1e-38, temperature=0.0),
+    dict(logit_bias={1: 100, 2: 100}, temperature=float("inf")),
+    dict(temperature=1e-5, top_k=3, min_p=0.5),
+])
+def test_extreme_values_never_break_sampling(params):
+    """A request whose penalties or temperature overflow the logits (or whose model logits are
+    NaN) still gets a token: host and device samplers, never an exception."""
+    from afdserve.sampler import PenaltyTable, sample_on_device
+
+    v = 16
+    logits_NV = torch.randn(3, v) * 50
+    logits_NV[2] = float("nan")  # a broken row beside the others
+    reqs = []
+    for i in range(3):
+        req = Request(f"r{i}", [1, 2, 3, 4], SamplingParams(**params, logprobs=2))
+        req.output_token_ids = [5, 1]
+        reqs.append(req)
+    for tokens in (sample(logits_NV, reqs, torch.Generator().manual_seed(0))[0],
+                   sample_on_device(logits_NV, reqs, torch.Generator().manual_seed(0), PenaltyTable(v, "cpu"))
+                   .tokens_N.tolist()):
+        assert all(0 <= t < v for t in tokens)
+    probs_RV = probs_batch(logits_NV, [r.params for r in reqs])
+    assert torch.isfinite(probs_RV).all() and torch.allclose(probs_RV.sum(-1), torch.ones(3))
+
+
+def test_allowed_token_ids_limit_only_their_rows():
+    """Greedy and sampled rows with allowed_token_ids only ever take those tokens; a row
+    without them is unchanged; logprobs stay those of the raw distribution."""
+    gen = torch.Generator().manual_seed(6)
+    v = 12
+    logits_NV = torch.randn(3, v, generator=gen) * 3
+    reqs = [Request("a", [1], SamplingParams(temperature=0, allowed_token_ids=[7, 2, 7], logprobs=1)),
+            Request("b", [1], SamplingParams(temperature=1.0, allowed_token_ids=[4, 9])),
+            Request("c", [1], SamplingParams(temperature=0))]
+    assert reqs[0].params.allowed_token_ids == [2, 7]
+    for seed in range(20):
+        tokens, lps = sample(logits_NV, reqs, torch.Generator().manual_seed(seed))
+        assert tokens[0] == max((2, 7), key=lambda t: logits_NV[0, t]) and tokens[1] in (4, 9)
+        assert tokens[2] == int(logits_NV[2].argmax())
+        assert lps[0][tokens[0]] == pytest.approx(float(torch.log_softmax(logits_NV[0], -1)[tokens[0]]), abs=1e-6)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])

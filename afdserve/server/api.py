@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -132,7 +133,8 @@ async def drain(state: ServerState, timeout_s: float) -> None:
     state.request_exit()
 
 
-def build_app(state: ServerState) -> FastAPI:
+def build_app(state: ServerState, cors: dict | None = None) -> FastAPI:
+    """``cors``: CORSMiddleware's options (vLLM's default: every origin, method and header)."""
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         state.engine.start(asyncio.get_running_loop())
@@ -142,6 +144,8 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="afdserve", version=afdserve.__version__, lifespan=lifespan)
     install_handlers(app)
     app.add_middleware(Gate, state=state)
+    # outermost: a browser's preflight (OPTIONS, no API key) is answered before the Gate
+    app.add_middleware(CORSMiddleware, **(cors or dict(allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])))
     _add_routes(app, state)
     _add_token_routes(app, state)
     return app

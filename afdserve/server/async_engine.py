@@ -172,8 +172,10 @@ class AsyncEngine:
         if cmd[0] == "add":
             self._add(cmd[1])
         elif cmd[0] == "abort":
-            if self.live.pop(cmd[1], None) is not None:
+            live = self.live.pop(cmd[1], None)
+            if live is not None:
                 self.engine.abort_request(cmd[1])
+                self._count_abort(live)
         elif cmd[0] == "abort_all":
             self._abort_all()
 
@@ -219,9 +221,14 @@ class AsyncEngine:
         out = []
         for rid, live in list(self.live.items()):
             self.engine.abort_request(rid)
+            self._count_abort(live)
             out.append((live.group, Update(live.index, [], [], "", finish_reason="abort")))
         self.live.clear()
         self._deliver(out)
+
+    def _count_abort(self, live: _Live) -> None:
+        if self.metrics is not None:
+            self.metrics.on_aborted(time.monotonic() - live.arrival)
 
     def _die(self, e: BaseException) -> None:
         """Fail every request in flight, then refuse new ones until stopped."""

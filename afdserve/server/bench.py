@@ -25,20 +25,26 @@ NAMES = {"ttft": ("Time to First Token", "TTFT"), "tpot": ("Time per Output Toke
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
+    p.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000 (default: from --host/--port)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", default="openai", choices=["openai", "vllm", "afdserve"],
+                   help="vLLM's flag; every choice streams /v1/completions")
+    p.add_argument("--dataset-name", default="random", choices=["random"], help="random token prompts only")
     p.add_argument("--model", default=None, help="model name (default: the first one /v1/models lists)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
     p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--input-len", "--random-input-len", type=int, default=128, dest="input_len")
+    p.add_argument("--output-len", "--random-output-len", type=int, default=128, dest="output_len")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly --output-len tokens (default: on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="HF tokenizer directory for prompt ids (default: /tokenize)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--metric-percentiles", default="99", help="comma-separated, e.g. 50,90,99")
-    p.add_argument("--result-file", default=None, help="JSON output (default: bench-serve-<time>.json)")
+    p.add_argument("--result-file", "--result-filename", default=None, dest="result_file",
+                   help="JSON output (default: bench-serve-<time>.json)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
 
 
@@ -54,6 +60,7 @@ class Result:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
+    args.base_url = args.base_url or f"http://{args.host}:{args.port}"
     result = asyncio.run(run_benchmark(args))
     print_report(result)
     path = args.result_file or f"bench-serve-{datetime.now():%Y%m%d-%H%M%S}.json"

@@ -28,18 +28,35 @@ def register(sub) -> None:
     from afdserve.server.bench import add_bench_args, cmd_bench_serve
 
     s = sub.add_parser("serve", help="OpenAI-compatible API server over the (disaggregated) engine")
-    s.add_argument("model", nargs="?", default=None, help="Hugging Face model directory (default: built-in tiny)")
+    s.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face model directory or Hub id (default: built-in tiny)")
+    s.add_argument("--model", dest="model_flag", default=None, help="the model, as a flag (vLLM accepts both)")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=os.environ.get("AFDSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $AFDSERVE_API_KEY)")
+    s.add_argument("--api-key", default=os.environ.get("AFDSERVE_API_KEY") or os.environ.get("VLLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $AFDSERVE_API_KEY, else $VLLM_API_KEY)")
+    s.add_argument("--allowed-origins", type=json.loads, default=["*"], help="CORS origins, a JSON list")
+    s.add_argument("--allowed-methods", type=json.loads, default=["*"], help="CORS methods, a JSON list")
+    s.add_argument("--allowed-headers", type=json.loads, default=["*"], help="CORS headers, a JSON list")
+    s.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    s.add_argument("--uvicorn-log-level", default=None, choices=["debug", "info", "warning", "error", "critical",
+                                                                  "trace"],
+                   help="uvicorn's own log level (default: --log-level)")
+    s.add_argument("--kv-cache-dtype", default="auto", choices=["auto"],
+                   help="the KV cache keeps the model dtype (fp8 caches are not supported)")
+    for flag, what in [("--trust-remote-code", "afdserve runs no code from checkpoints"),
+                       ("--disable-log-requests", "requests are not logged"),
+                       ("--enable-log-requests", "requests are not logged"),
+                       ("--disable-log-stats", "stats are at /metrics, never logged")]:
+        s.add_argument(flag, action="store_true", help=f"accepted for vLLM's command lines; {what}")
     s.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
     s.add_argument("--served-model-name", nargs="+", default=None,
                    help="names the API accepts (the first is reported; default: the model path)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM")
-    s.add_argument("--generation-config", choices=["auto", "vllm"], default="auto",
-                   help="auto: sampling defaults from generation_config.json; vllm: ignore it")
+    s.add_argument("--generation-config", default="auto",
+                   help="auto: sampling defaults from the model's generation_config.json; vllm: ignore it; "
+                        "a folder: its generation_config.json")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(s)
     s.set_defaults(func=cmd_serve)
@@ -57,7 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from afdserve.server.api import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    model = args.model or default_model_dir()
+    if args.model and args.model_flag and args.model != args.model_flag:
+        raise ConfigError(f"two models given: {args.model!r} and --model {args.model_flag!r}")
+    model = args.model or args.model_flag or default_model_dir()
     if args.benchmark_skip_prefill:
         raise ConfigError("--benchmark-skip-prefill makes every completion meaningless; it is for decode benchmarks "
                           "(LLM/generate), not for serving clients")
@@ -67,7 +86,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = start_engine(cfg)
     try:
         state = make_state(engine, cfg, args, template)
-        config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
+        cors = dict(allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
+                    allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
+        config = uvicorn.Config(build_app(state, cors), host=args.host, port=args.port,
+                                log_level=args.uvicorn_log_level or args.log_level,
                                 timeout_graceful_shutdown=2, lifespan="on")
         DrainingServer(config, state, args.shutdown_timeout).run(sockets=[sock])
     finally:
@@ -131,7 +153,10 @@ def load_chat_template(arg: str | None) -> str | None:
 def generation_defaults(model_dir: str, mode: str) -> dict:
     """vLLM's rule: generation_config.json's sampling values replace the defaults of fields a
     request leaves out (``--generation-config vllm`` turns this off)."""
-    path = os.path.join(model_dir, "generation_config.json")
+    if mode not in ("auto", "vllm") and not os.path.isfile(os.path.join(mode, "generation_config.json")):
+        raise ConfigError(f"--generation-config: expected auto, vllm or a folder holding generation_config.json, "
+                          f"got {mode!r}")
+    path = os.path.join(model_dir if mode in ("auto", "vllm") else mode, "generation_config.json")
     if mode == "vllm" or not os.path.isfile(path):
         return {}
     with open(path) as f:

@@ -69,9 +69,13 @@ class ServerMetrics:
         if num_new:
             self.generation_tokens.inc(num_new)
             (self.ttft if first else self.itl).observe(since_last_s)
-        if finish_reason in ("stop", "length"):
+        if finish_reason in ("stop", "length", "abort"):
             self.e2e.observe(since_arrival_s)
             self.success.labels(self.model_name, finish_reason).inc()
+
+    def on_aborted(self, since_arrival_s: float) -> None:
+        """A request aborted by its client or the shutdown deadline (vLLM counts these too)."""
+        self.on_tokens(0, 0.0, False, "abort", since_arrival_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,7 +1,9 @@
 """Request and response bodies of the OpenAI-compatible API (OpenAI's fields plus vLLM's extras).
 
-Requests ignore unknown fields (as vLLM does) and refuse NaN/inf; value ranges are checked by
-``SamplingParams``, whose ``InvalidRequest.param`` is mapped back to this API's field name."""
+Requests ignore unknown fields (as vLLM does) but refuse the vLLM extras afdserve does not
+implement (guided decoding, beam search, prompt logprobs, bad words): a silent no-op would hand
+back unconstrained output. NaN/inf are refused; value ranges are checked by ``SamplingParams``,
+whose ``InvalidRequest.param`` is mapped back to this API's field name."""
 
 from __future__ import annotations
 
@@ -48,6 +50,17 @@ class SamplingFields(OpenAIBase):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    # vLLM extras afdserve refuses when set (see the module docstring)
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    bad_words: Any = None
+    prompt_logprobs: Any = None
+    use_beam_search: bool = False
 
     def check_common(self) -> None:
         """Refusals that SamplingParams cannot make: unsupported features, field combinations."""
@@ -55,6 +68,20 @@ class SamplingFields(OpenAIBase):
             raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequest(f"n must be in 1..{MAX_N}, got {self.n}", "n")
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+                     "bad_words", "prompt_logprobs", "use_beam_search"):
+            if getattr(self, name) not in (None, False, [], {}):
+                raise InvalidRequest(f"{name} is not supported by afdserve", name)
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise InvalidRequest("allowed_token_ids must not be empty", "allowed_token_ids")
+
+    def truncate(self, ids: list[int], max_model_len: int) -> list[int]:
+        """vLLM's truncate_prompt_tokens: keep the last k prompt tokens (-1: max_model_len)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        k = max_model_len if k == -1 else k
+        return ids[-k:] if k else []
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> SamplingParams:
         """The engine's parameters; request fields left out take the model's generation defaults."""
@@ -69,7 +96,8 @@ class SamplingFields(OpenAIBase):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
             presence_penalty=pick("presence_penalty", 0.0), frequency_penalty=pick("frequency_penalty", 0.0),
-            repetition_penalty=pick("repetition_penalty", 1.0), logit_bias=self.logit_bias)
+            repetition_penalty=pick("repetition_penalty", 1.0), logit_bias=self.logit_bias,
+            allowed_token_ids=self.allowed_token_ids)
 
     @property
     def include_usage(self) -> bool:
@@ -111,7 +139,9 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    echo: bool = False
 
     def check(self) -> None:
         self.check_common()
@@ -119,8 +149,11 @@ class ChatCompletionRequest(SamplingFields):
             raise InvalidRequest("messages must contain at least one message", "messages")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs set to true", "top_logprobs")
-        if self.tools:
-            raise InvalidRequest("tools are not supported by afdserve", "tools")
+        if self.tools and self.tool_choice != "none":
+            raise InvalidRequest("tool calling is not supported by afdserve (only tool_choice \"none\": the tools "
+                                 "are shown to the chat template, no call is parsed)", "tools")
+        if self.echo:
+            raise InvalidRequest("echo is not supported by afdserve for chat completions", "echo")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise InvalidRequest("response_format other than text is not supported by afdserve",
                                  "response_format")

@@ -54,7 +54,8 @@ class SSEResponse(StreamingResponse):
 async def create_completion(state: ServerState, body: CompletionRequest, raw: Request) -> Response:
     model = state.check_model(body.model)
     body.check()
-    prompts = completion_prompts(state.tokenizer, body.prompt)
+    prompts = [(body.truncate(ids, state.max_model_len), None if body.truncate_prompt_tokens is not None else text)
+               for ids, text in completion_prompts(state.tokenizer, body.prompt)]
     max_tokens = resolve_max_tokens(state, prompts, body.max_tokens, "max_tokens", "prompt")
     params = to_params(body, max_tokens, body.logprobs, state.defaults, {})
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -89,9 +90,10 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
 async def create_chat(state: ServerState, body: ChatCompletionRequest, raw: Request) -> Response:
     model = state.check_model(body.model)
     body.check()
-    text = state.render_chat(body.messages, body.add_generation_prompt, body.continue_final_message,
-                             body.chat_template_kwargs)
-    prompts = [(state.tokenizer.encode(text, add_special_tokens=False), text)]
+    kwargs = (body.chat_template_kwargs or {}) | ({"tools": body.tools} if body.tools else {})
+    text = state.render_chat(body.messages, body.add_generation_prompt, body.continue_final_message, kwargs)
+    ids = state.tokenizer.encode(text, add_special_tokens=False)
+    prompts = [(body.truncate(ids, state.max_model_len), text if body.truncate_prompt_tokens is None else None)]
     mt_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(state, prompts, body.requested_max_tokens, mt_field, "messages")
     top_n = body.top_logprobs or 0
@@ -179,7 +181,8 @@ def _renamed(e: InvalidRequest, renames: dict[str, str]) -> InvalidRequest:
 
 def make_children(rid: str, prompts: list[Prompt], params: SamplingParams) -> list[Child]:
     if len(prompts) * params.n > MAX_CHOICES:
-        raise InvalidRequest(f"{len(prompts)} prompts x n={params.n} exceeds {MAX_CHOICES} choices", "n")
+        raise InvalidRequest(f"{len(prompts)} prompts x n={params.n} exceeds {MAX_CHOICES} choices",
+                             "n" if params.n > 1 else "prompt")
     children = []
     for p, (ids, text) in enumerate(prompts):
         for i in range(params.n):

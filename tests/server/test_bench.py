@@ -9,10 +9,12 @@ import sys
 
 def test_bench_serve_reports_and_saves_json(server, tmp_path):
     out = tmp_path / "result.json"
-    r = subprocess.run([sys.executable, "-m", "afdserve", "bench", "serve", "--base-url", server.url,
-                        "--api-key", server.api_key, "--num-prompts", "12", "--request-rate", "20",
-                        "--input-len", "24", "--output-len", "6", "--metric-percentiles", "50,99",
-                        "--result-file", str(out)], capture_output=True, text=True, timeout=180)
+    # vLLM's spellings (`vllm bench serve --backend vllm --dataset-name random --random-input-len ...`)
+    r = subprocess.run([sys.executable, "-m", "afdserve", "bench", "serve", "--backend", "vllm", "--host", "127.0.0.1",
+                        "--port", str(server.port), "--api-key", server.api_key, "--num-prompts", "12",
+                        "--request-rate", "20", "--dataset-name", "random", "--random-input-len", "24",
+                        "--random-output-len", "6", "--metric-percentiles", "50,99", "--result-filename", str(out)],
+                       capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     for line in ("Successful requests:", "Mean TTFT (ms):", "P99 TPOT (ms):", "Median ITL (ms):",
                  "P50 E2EL (ms):", "Output token throughput (tok/s):"):

@@ -53,6 +53,15 @@ COMPLETION_CASES = [
     ({"prompt": 17}, "prompt"),
     ({"stop_token_ids": [VOCAB + 5]}, "stop_token_ids"),
     ({"min_tokens": 20, "max_tokens": 5}, "min_tokens"),
+    ({"guided_choice": ["yes", "no"]}, "guided_choice"),  # vLLM extras afdserve does not implement
+    ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"bad_words": ["x"]}, "bad_words"),
+    ({"allowed_token_ids": [3, VOCAB]}, "allowed_token_ids"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    ({"prompt": [[5]] * 1025}, "prompt"),
 ]
 
 
@@ -75,6 +84,8 @@ CHAT_CASES = [
     ({"max_tokens": 0}, "max_tokens"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"chat_template_kwargs": {"tokenize": True}}, "messages"),
+    ({"echo": True}, "echo"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
 ]
 
 
@@ -130,4 +141,23 @@ def test_openai_client_sees_param_and_next_request_succeeds(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="bad", max_retries=0).models.list()
     out = client.completions.create(model=MODEL, prompt="hi", max_tokens=5, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 5
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("fields", [
+    {"repetition_penalty": 1e-38, "temperature": 1.0},  # overflows the seen tokens' logits to inf
+    {"repetition_penalty": 1e-38, "temperature": 0.0},
+    {"temperature": 1e-5, "logit_bias": {"5": 100, "6": 100}, "top_p": 0.01},
+    {"temperature": 1e308, "min_p": 1.0},
+])
+def test_extreme_sampling_values_are_served(server, fields):
+    """Legal but extreme sampling values get tokens (200) and the engine keeps serving: no
+    engine failure, no 5xx."""
+    body = {"model": MODEL, "prompt": "Hello hello hello", "max_tokens": 4, "ignore_eos": True}
+    with httpx.Client(timeout=60) as c:
+        headers = {"Authorization": f"Bearer {server.api_key}"}
+        r = c.post(server.url + "/v1/completions", json=body | fields, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+    assert _post(server, "/v1/completions", body).status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200

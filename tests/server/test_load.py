@@ -56,6 +56,7 @@ def test_200_concurrent_streams_of_mixed_lengths(server, read_metrics):
 def test_disconnected_clients_are_aborted(server, read_metrics):
     """50 streams and 10 plain requests are left mid-generation; within seconds nothing runs."""
     before = read_metrics(server.url)["afdserve:generation_tokens_total"]
+    aborted_before = _aborted(server.url)
     max_tokens = 400
 
     async def leave_stream(client: openai.AsyncOpenAI, i: int) -> None:
@@ -92,9 +93,16 @@ def test_disconnected_clients_are_aborted(server, read_metrics):
         raise AssertionError(f"requests still held 10 s after their clients left: {m}")
     generated = m["afdserve:generation_tokens_total"] - before
     assert generated < 60 * max_tokens / 4, "the requests ran to the end instead of being aborted"
+    assert _aborted(server.url) - aborted_before >= 50  # counted under finished_reason="abort", as vLLM does
     ok = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {server.api_key}"},
                     json={"model": MODEL, "prompt": "x", "max_tokens": 3, "ignore_eos": True}, timeout=60)
     assert ok.json()["usage"]["completion_tokens"] == 3
+
+
+def _aborted(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("afdserve:request_success_total{") and 'finished_reason="abort"' in line)
 
 
 async def _enumerate(stream):

@@ -177,3 +177,30 @@ def test_logit_bias_and_penalties_reach_the_sampler(client, server_model):
                                     presence_penalty=2.0, temperature=0.0,
                                     extra_body={"ignore_eos": True, "repetition_penalty": 1.3})
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
+
+
+def test_vllm_extras_truncation_allowed_tokens_and_tools_none(client, server_model):
+    """truncate_prompt_tokens keeps the prompt's last tokens (a prompt over the context then
+    fits); allowed_token_ids limits every sampled token; tools with tool_choice "none" are
+    accepted (nothing to parse)."""
+    out = client.completions.create(model=MODEL, prompt=[7] * 600, max_tokens=3,
+                                    extra_body={"truncate_prompt_tokens": 100, "ignore_eos": True})
+    assert out.usage.prompt_tokens == 100 and out.usage.completion_tokens == 3
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=3,
+                                    logprobs=0, extra_body={"allowed_token_ids": [11, 12], "ignore_eos": True})
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(server_model)
+    assert out.usage.completion_tokens == 8
+    assert set(out.choices[0].logprobs.tokens) <= {tok.decode([11]), tok.decode([12])}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                         tools=tools, tool_choice="none")
+    assert out.choices[0].message.content is not None
+
+
+def test_cors_preflight_needs_no_api_key(server):
+    r = httpx.options(server.url + "/v1/chat/completions",
+                      headers={"Origin": "http://example.com", "Access-Control-Request-Method": "POST",
+                               "Access-Control-Request-Headers": "authorization,content-type"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", "http://example.com")
