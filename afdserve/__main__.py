@@ -135,7 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     with LLM(model, show_progress=True, **engine_kwargs(args)) as llm:
-        print(f"deployment: {describe_deployment(llm.config.parallel)}", file=sys.stderr)
+        cfg = llm.config
+        print(f"deployment: {describe_deployment(cfg.parallel)} on {cfg.device} ({cfg.dtype})", file=sys.stderr)
         for prompt in args.prompt:
             out = llm.generate(prompt, params)[0].outputs[0]
             print(f"prompt: {prompt!r}\noutput: {out.text!r}\ntokens: {out.token_ids} ({out.finish_reason})")

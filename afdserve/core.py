@@ -40,6 +40,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # tokens of the prompt or output: logit / p if > 0, else logit * p
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     allowed_token_ids: list[int] | None = None  # only these tokens can be sampled
+    prompt_logprobs: int | None = None  # per prompt token (after the first): its logprob and the top ones
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -57,6 +58,7 @@ class SamplingParams:
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be at least 1"),
             ("min_tokens", self.min_tokens >= 0, "must be non-negative"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in 0..20"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "must be in 0..20"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
@@ -137,6 +139,9 @@ class Request:
     # async scheduling: tokens sampled on the GPU whose value the host does not know yet (0 or 1);
     # they count in num_tokens, not in output_token_ids
     num_pending: int = 0
+    # params.prompt_logprobs: entry i for prompt token i + 1 ({token: logprob} plus the top ones),
+    # filled in order as the prefill reaches them
+    prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -203,3 +208,6 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # vLLM's shape: None for the first prompt token, then {token: logprob} (the token and the top
+    # ones); None when not asked for
+    prompt_logprobs: list[dict[int, float] | None] | None = None

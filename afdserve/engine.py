@@ -20,7 +20,7 @@ from afdserve.core import InvalidRequest, Request, SamplingParams
 from afdserve.kv_cache import blocks_needed
 from afdserve.layers.basic import to_device
 from afdserve.output import append_token
-from afdserve.runner import Executor, MicroBatchInput, prepare, sample_logits
+from afdserve.runner import Executor, MicroBatchInput, fill_prompt_logprobs, prepare, sample_logits
 from afdserve.sampler import DeviceSample, PenaltyTable, can_sample_on_device, sample, sample_on_device
 from afdserve.scheduler import Scheduler
 
@@ -151,7 +151,9 @@ class Engine:
         self._fill_pending(inputs)
         for c in plan.chunks:
             c.request.num_computed += c.num_new
-        logits_SV = sample_logits(self.attn, inputs, self.executor.run(inputs))
+        hidden = self.executor.run(inputs)
+        fill_prompt_logprobs(self.attn, inputs, hidden)  # a host read, only in steps that have such rows
+        logits_SV = sample_logits(self.attn, inputs, hidden)
         sampling = [c.request for c in plan.chunks if c.samples]
         launched = _InFlight.launch(sampling, sample_on_device(logits_SV, sampling, self.device_generator,
                                                                self._penalty_table(logits_SV, sampling)))
@@ -210,6 +212,7 @@ class Engine:
         hidden = self.executor.run(inputs)
         if not plan.chunks:
             return []
+        fill_prompt_logprobs(self.attn, inputs, hidden)
         return self.update(plan, sample_logits(self.attn, inputs, hidden))
 
     def update(self, plan, logits_SV: torch.Tensor) -> list[Request]:

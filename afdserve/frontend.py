@@ -224,10 +224,12 @@ class AFDFrontend:
                 self.errors[rid] = InvalidRequest(text, param)
             return [req] if req is not None else []
         updated = []
-        for rid, token, lp, kept, added, reason, stop_reason, queue_s in msg[1]:
+        for rid, token, lp, kept, added, reason, stop_reason, queue_s, prompt_lps in msg[1]:
             req = self.requests.get(rid)
             if req is None:
                 continue  # aborted meanwhile
+            if prompt_lps is not None:
+                req.prompt_logprobs = prompt_lps
             req.output_token_ids.append(token)
             self._outstanding[self.group_of[rid]] -= 1
             if lp is not None:

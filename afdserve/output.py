@@ -71,7 +71,8 @@ def request_output(req: Request, index: int = 0) -> CompletionOutput:
 def group_output(request_id: str, children: list[Request]) -> RequestOutput:
     """One RequestOutput for a request sampled ``n`` times (one child per sample)."""
     first = children[0]
+    prompt_lps = None if first.params.prompt_logprobs is None else [None, *first.prompt_logprobs]
     return RequestOutput(request_id=request_id, prompt=first.prompt,
                          prompt_token_ids=list(first.prompt_token_ids),
                          outputs=[request_output(c, i) for i, c in enumerate(children)],
-                         finished=all(c.finished for c in children))
+                         finished=all(c.finished for c in children), prompt_logprobs=prompt_lps)

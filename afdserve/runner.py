@@ -27,6 +27,8 @@ class MicroBatchInput:
     sample_rows_S: torch.Tensor  # rows (last token of a chunk) whose logits are sampled
     # async scheduling: (row, request) whose input token is still on the GPU (id 0 until filled in)
     pending_rows: list[tuple[int, Request]] = field(default_factory=list)
+    # prompt logprobs: (row, request, position p) whose hidden state predicts prompt token p + 1
+    prompt_lp_rows: list[tuple[int, Request, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -41,10 +43,13 @@ class Executor(Protocol):
 
 def prepare(chunks: list[ScheduledChunk], block_size: int, device: torch.device | str) -> MicroBatchInput:
     """Token ids, positions, KV slots and block tables of one micro-batch (one host-to-device copy)."""
-    ids, pos, slots, sample_rows, pending = [], [], [], [], []
+    ids, pos, slots, sample_rows, pending, prompt_lp = [], [], [], [], [], []
     for c in chunks:
         req = c.request
         positions = range(c.start, c.start + c.num_new)
+        if req.params.prompt_logprobs is not None:
+            prompt_lp += [(len(ids) + i, req, p) for i, p in enumerate(positions)
+                          if len(req.prompt_logprobs) <= p < req.num_prompt_tokens - 1]
         known = req.all_token_ids[c.start:c.start + c.num_new]
         if len(known) < c.num_new:  # the last one is a pending token (async scheduling)
             pending.append((len(ids) + len(known), req))
@@ -61,7 +66,7 @@ def prepare(chunks: list[ScheduledChunk], block_size: int, device: torch.device 
                     block_tables=[c.request.block_ids for c in chunks])
     if torch.device(device).type == "cuda":
         add_device_fields(meta, device)
-    return MicroBatchInput(packed[:t], meta, packed[3 * t:3 * t + s], pending)
+    return MicroBatchInput(packed[:t], meta, packed[3 * t:3 * t + s], pending, prompt_lp)
 
 
 class SerialExecutor:
@@ -86,3 +91,25 @@ def sample_logits(attn: AttentionModel, inputs: list[MicroBatchInput], hidden: l
     rows = [h_TD[inp.sample_rows_S] for inp, h_TD in zip(inputs, hidden)]
     h_SD = torch.cat(rows) if rows else hidden[0][:0]
     return attn.logits(h_SD)
+
+
+PROMPT_LOGPROB_ROWS = 256  # rows of [rows, V] float32 logits at a time (152k vocab: 156 MB)
+
+
+def fill_prompt_logprobs(attn: AttentionModel, inputs: list[MicroBatchInput], hidden: list[torch.Tensor]) -> None:
+    """Requests that ask for prompt logprobs get those of the prompt tokens this step computed
+    (the logprob of each next prompt token under the model, plus the top ``prompt_logprobs``),
+    in prompt order; a recomputation after preemption adds nothing twice. Reads them on the host."""
+    rows = [(h_TD[row], req, p) for inp, h_TD in zip(inputs, hidden) for row, req, p in inp.prompt_lp_rows]
+    for at in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+        part = rows[at:at + PROMPT_LOGPROB_ROWS]
+        lp_RV = torch.log_softmax(attn.logits(torch.stack([h for h, _, _ in part])), dim=-1)
+        want_R1 = to_device([req.prompt_token_ids[p + 1] for _, req, p in part], torch.int64, lp_RV.device)[:, None]
+        top_lp, top_ids = lp_RV.topk(max(1, max(req.params.prompt_logprobs for _, req, _ in part)), dim=-1)
+        token_lp = lp_RV.gather(1, want_R1)[:, 0].tolist()
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        for r, (_, req, p) in enumerate(part):
+            if len(req.prompt_logprobs) == p:
+                k = req.params.prompt_logprobs
+                entry = {req.prompt_token_ids[p + 1]: token_lp[r]}
+                req.prompt_logprobs.append(entry | {t: v for t, v in zip(top_ids[r][:k], top_lp[r][:k])})

@@ -254,3 +254,20 @@ def test_logprobs_penalties_and_logit_bias_step_asynchronously(model):
         assert [sorted(d) for d in lp_a] == [sorted(d) for d in lp_s]
         assert [v for d in lp_a for v in d.values()] == pytest.approx([v for d in lp_s for v in d.values()], abs=1e-5)
     assert [len(d) for d in out[True][0][1]] == [len(d) for d in out[False][0][1]]
+
+
+def test_prompt_logprobs_under_preemption(model):
+    """Prompt logprobs over chunked prefills, with preemptions recomputing prompts: each prompt
+    token's entry once, equal in both modes and to a run with room for everything."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=1)
+    prompts = _prompts(8)
+    with LLM(model, async_scheduling=False) as llm:
+        roomy = [o.prompt_logprobs for o in llm.generate(prompts, params)]
+    for flag in (False, True):
+        with LLM(model, async_scheduling=flag, max_num_batched_tokens=20, num_kv_blocks=12, max_model_len=192) as llm:
+            got = [o.prompt_logprobs for o in llm.generate(prompts, params)]
+            assert llm.engine.scheduler.num_preemptions > 0
+        for g, w, p in zip(got, roomy, prompts):
+            assert len(g) == len(p) and g[0] is None
+            for a, b in zip(g[1:], w[1:]):
+                assert a.keys() == b.keys() and list(a.values()) == pytest.approx(list(b.values()), abs=1e-5)

@@ -178,11 +178,15 @@ class ColocatedWorker(AttnWorker):
 
 def _update(req: Request) -> tuple:
     """What the frontend needs of a request after a step: the newest token and its logprobs,
-    and the text as (kept, added): keep the first ``kept`` characters of what was sent, then
-    append ``added`` (the text only grows, except when a stop string cuts it at the end)."""
+    the prompt logprobs with the first token, and the text as (kept, added): keep the first
+    ``kept`` characters of what was sent, then append ``added`` (the text only grows, except
+    when a stop string cuts it at the end)."""
     lp = req.output_logprobs[-1] if req.output_logprobs else None
     text = req.output_text
     kept = min(req.text_sent, len(text))
     req.text_sent = len(text)
+    # prompt logprobs are complete once the first token is sampled: sent with it, once
+    prompt_lps = req.prompt_logprobs if len(req.output_token_ids) == 1 and req.params.prompt_logprobs is not None \
+        else None
     return (req.request_id, req.output_token_ids[-1], lp, kept, text[kept:], req.finish_reason, req.stop_reason,
-            req.queue_s)
+            req.queue_s, prompt_lps)

@@ -48,6 +48,7 @@ class Update:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: BaseException | None = None
+    prompt_logprobs: list[dict[int, float]] | None = None  # with the first token, when asked for
 
 
 class RequestGroup:
@@ -209,10 +210,12 @@ class AsyncEngine:
             if self.metrics is not None:
                 self.metrics.on_tokens(len(new), now - (live.last or live.arrival), live.last is None,
                                        req.finish_reason, now - live.arrival, req.queue_s)
+            first = live.last is None
             live.sent, live.last = len(req.output_token_ids), now
             err = errors.pop(req.request_id, None)
+            prompt_lps = req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None
             out.append((live.group, Update(live.index, new, lps, req.output_text, req.finish_reason,
-                                           req.stop_reason, err)))
+                                           req.stop_reason, err, prompt_lps)))
             if req.finished:
                 self.live.pop(req.request_id)
         self._deliver(out)

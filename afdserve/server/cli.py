@@ -69,7 +69,7 @@ def register(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from afdserve.__main__ import default_model_dir, engine_kwargs
+    from afdserve.__main__ import default_model_dir, describe_deployment, engine_kwargs
     from afdserve.llm import make_config
     from afdserve.server.api import build_app
 
@@ -82,6 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           "(LLM/generate), not for serving clients")
     sock = bind(args.host, args.port)
     cfg = make_config(model, **engine_kwargs(args))
+    print(f"serving {cfg.model}: {describe_deployment(cfg.parallel)} on {cfg.device} ({cfg.dtype})", file=sys.stderr,
+          flush=True)
     template = load_chat_template(args.chat_template)
     engine = start_engine(cfg)
     try:

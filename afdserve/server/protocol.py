@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI-compatible API (OpenAI's fields plus vLLM's extras).
 
 Requests ignore unknown fields (as vLLM does) but refuse the vLLM extras afdserve does not
-implement (guided decoding, beam search, prompt logprobs, bad words): a silent no-op would hand
+implement (guided decoding, beam search, bad words): a silent no-op would hand
 back unconstrained output. NaN/inf are refused; value ranges are checked by ``SamplingParams``,
 whose ``InvalidRequest.param`` is mapped back to this API's field name."""
 
@@ -59,8 +59,8 @@ class SamplingFields(OpenAIBase):
     guided_grammar: Any = None
     structured_outputs: Any = None
     bad_words: Any = None
-    prompt_logprobs: Any = None
     use_beam_search: bool = False
+    prompt_logprobs: int | None = None  # completions only
 
     def check_common(self) -> None:
         """Refusals that SamplingParams cannot make: unsupported features, field combinations."""
@@ -69,7 +69,7 @@ class SamplingFields(OpenAIBase):
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequest(f"n must be in 1..{MAX_N}, got {self.n}", "n")
         for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-                     "bad_words", "prompt_logprobs", "use_beam_search"):
+                     "bad_words", "use_beam_search"):
             if getattr(self, name) not in (None, False, [], {}):
                 raise InvalidRequest(f"{name} is not supported by afdserve", name)
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
@@ -83,7 +83,8 @@ class SamplingFields(OpenAIBase):
         k = max_model_len if k == -1 else k
         return ids[-k:] if k else []
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: dict,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's parameters; request fields left out take the model's generation defaults."""
         def pick(name: str, fallback):
             value = getattr(self, name)
@@ -97,7 +98,7 @@ class SamplingFields(OpenAIBase):
             skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
             presence_penalty=pick("presence_penalty", 0.0), frequency_penalty=pick("frequency_penalty", 0.0),
             repetition_penalty=pick("repetition_penalty", 1.0), logit_bias=self.logit_bias,
-            allowed_token_ids=self.allowed_token_ids)
+            allowed_token_ids=self.allowed_token_ids, prompt_logprobs=prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -118,8 +119,13 @@ class CompletionRequest(SamplingFields):
             raise InvalidRequest("best_of is not supported by afdserve (only best_of == n)", "best_of")
         if self.suffix:
             raise InvalidRequest("suffix is not supported by afdserve", "suffix")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequest("echo with logprobs is not supported by afdserve (no prompt logprobs)", "echo")
+
+    @property
+    def wanted_prompt_logprobs(self) -> int | None:
+        """Top entries per prompt token the engine must compute: for ``prompt_logprobs``, and for
+        ``echo`` with ``logprobs`` (the prompt's tokens then come with logprobs, as in vLLM)."""
+        asked = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(asked) if asked else None
 
 
 class ChatMessageIn(OpenAIBase):
@@ -154,6 +160,8 @@ class ChatCompletionRequest(SamplingFields):
                                  "are shown to the chat template, no call is parsed)", "tools")
         if self.echo:
             raise InvalidRequest("echo is not supported by afdserve for chat completions", "echo")
+        if self.prompt_logprobs is not None:
+            raise InvalidRequest("prompt_logprobs is supported by /v1/completions only", "prompt_logprobs")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise InvalidRequest("response_format other than text is not supported by afdserve",
                                  "response_format")
@@ -201,6 +209,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -32,9 +32,12 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     final_text: str = ""
+    prompt_logprobs: list[dict[int, float]] | None = None  # prompt tokens 1.. (asked for)
 
     def advance(self, upd: Update) -> str:
         """Take an update; return the new visible text (possibly empty)."""
+        if upd.prompt_logprobs is not None:
+            self.prompt_logprobs = upd.prompt_logprobs
         self.token_ids += upd.token_ids
         self.logprobs += upd.logprobs
         done = upd.finish_reason is not None
@@ -70,17 +73,42 @@ class TokenText:
         return s
 
 
-def completion_logprobs(text_of: TokenText, token_ids: list[int], lps: list[dict[int, float]],
-                        offset: int) -> CompletionLogProbs:
-    """Completions shape: token strings, their logprobs, the top ones, offsets into the text."""
+def completion_logprobs(text_of: TokenText, token_ids: list[int], lps: list[dict[int, float] | None],
+                        offset: int, top_n: int | None = None) -> CompletionLogProbs:
+    """Completions shape: token strings, their logprobs, the top ones, offsets into the text.
+    ``top_n``: keep the ``top_n`` most likely of each entry plus the token itself (else all). An
+    entry None (the first prompt token of an echo) gives nulls."""
     out = CompletionLogProbs()
     for t, lp in zip(token_ids, lps):
         s = text_of(t)
         out.tokens.append(s)
-        out.token_logprobs.append(max(lp.get(t, MIN_LOGPROB), MIN_LOGPROB))
-        out.top_logprobs.append({text_of(k): max(v, MIN_LOGPROB) for k, v in lp.items()})
         out.text_offset.append(offset)
         offset += len(s)
+        if lp is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        out.token_logprobs.append(max(lp.get(t, MIN_LOGPROB), MIN_LOGPROB))
+        entries = list(lp.items()) if top_n is None else _top(lp, top_n) + [(t, lp[t])]
+        out.top_logprobs.append({text_of(k): max(v, MIN_LOGPROB) for k, v in entries})
+    return out
+
+
+def _top(lp: dict[int, float], n: int) -> list[tuple[int, float]]:
+    return sorted(lp.items(), key=lambda kv: -kv[1])[:n]
+
+
+def prompt_logprobs_entries(text_of: TokenText, prompt_ids: list[int], lps: list[dict[int, float]],
+                            top_n: int) -> list[dict[str, dict] | None]:
+    """vLLM's ``prompt_logprobs`` of a completion choice: None for the first token, then per
+    token {token id: {"logprob", "rank", "decoded_token"}} for the token and the ``top_n`` most
+    likely (rank: 1 for the most likely; the token's own rank is null when it is not among them)."""
+    out: list[dict[str, dict] | None] = [None]
+    for t, lp in zip(prompt_ids[1:], lps):
+        top = _top(lp, top_n)
+        rank = {k: i + 1 for i, (k, _) in enumerate(top)}
+        out.append({str(k): {"logprob": max(v, MIN_LOGPROB), "rank": rank.get(k), "decoded_token": text_of(k)}
+                    for k, v in [(t, lp[t]), *top]})
     return out
 
 

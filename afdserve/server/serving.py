@@ -30,7 +30,14 @@ from afdserve.server.protocol import (
     DeltaMessage,
     SamplingFields,
 )
-from afdserve.server.render import Choice, TokenText, chat_logprobs, completion_logprobs, usage
+from afdserve.server.render import (
+    Choice,
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    prompt_logprobs_entries,
+    usage,
+)
 
 if TYPE_CHECKING:
     from afdserve.server.api import ServerState
@@ -57,21 +64,34 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
     prompts = [(body.truncate(ids, state.max_model_len), None if body.truncate_prompt_tokens is not None else text)
                for ids, text in completion_prompts(state.tokenizer, body.prompt)]
     max_tokens = resolve_max_tokens(state, prompts, body.max_tokens, "max_tokens", "prompt")
-    params = to_params(body, max_tokens, body.logprobs, state.defaults, {})
+    params = to_params(body, max_tokens, body.logprobs, state.defaults, {}, body.wanted_prompt_logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
     group = await add(state, make_children(rid, prompts, params), {})
     choices = [Choice(p * params.n + i, p, params.stop) for p in range(len(prompts)) for i in range(params.n)]
     text_of = TokenText(state.tokenizer)
     prefix = [(p[1] or state.tokenizer.decode(p[0])) if body.echo else "" for p in prompts]
 
+    def logprobs(c: Choice, ids: list[int], lps, offset: int, with_prompt: bool):
+        """The choice's logprobs; with an echo, the prompt's tokens first (the first one null)."""
+        if body.logprobs is None:
+            return None
+        if with_prompt and body.echo:
+            ids, lps = prompts[c.prompt_index][0] + ids, [None, *(c.prompt_logprobs or [])] + list(lps)
+        return completion_logprobs(text_of, ids, lps, offset, body.logprobs)
+
+    def prompt_lps(c: Choice, first: bool):
+        if body.prompt_logprobs is None or not first:
+            return None
+        return prompt_logprobs_entries(text_of, prompts[c.prompt_index][0], c.prompt_logprobs or [],
+                                       body.prompt_logprobs)
+
     def chunk(c: Choice, delta: str, new_ids: list[int], new_lps) -> CompletionChoice:
         first = len(c.token_ids) == len(new_ids)
         text = prefix[c.prompt_index] + delta if first else delta
-        lp = None
-        if body.logprobs is not None:
-            lp = completion_logprobs(text_of, new_ids, new_lps, len(c.text) - len(delta))
-        return CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=c.finish_reason,
-                                stop_reason=c.stop_reason)
+        offset = 0 if first else len(prefix[c.prompt_index]) + len(c.text) - len(delta)
+        return CompletionChoice(index=c.index, text=text, logprobs=logprobs(c, new_ids, new_lps, offset, first),
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                prompt_logprobs=prompt_lps(c, first))
 
     head = {"id": rid, "model": model}
     if body.stream:
@@ -80,9 +100,9 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
         return SSEResponse(sse(events, group))
     await collect(raw, group, choices)
     out = [CompletionChoice(index=c.index, text=prefix[c.prompt_index] + c.final_text,
-                            logprobs=completion_logprobs(text_of, c.token_ids, c.logprobs, len(prefix[c.prompt_index]))
-                            if body.logprobs is not None else None,
-                            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in choices]
+                            logprobs=logprobs(c, c.token_ids, c.logprobs, 0, True),
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                            prompt_logprobs=prompt_lps(c, True)) for c in choices]
     resp = CompletionResponse(**head, choices=out, usage=usage([len(p[0]) for p in prompts], choices))
     return JSONResponse(resp.model_dump())
 
@@ -156,10 +176,10 @@ def resolve_max_tokens(state: ServerState, prompts: list[Prompt], requested: int
 
 
 def to_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None, defaults: dict,
-              renames: dict[str, str]) -> SamplingParams:
+              renames: dict[str, str], prompt_logprobs: int | None = None) -> SamplingParams:
     """SamplingParams, with an error's field named as this endpoint spells it."""
     try:
-        return body.sampling_params(max_tokens, logprobs, defaults)
+        return body.sampling_params(max_tokens, logprobs, defaults, prompt_logprobs)
     except InvalidRequest as e:
         raise _renamed(e, renames) from None
 

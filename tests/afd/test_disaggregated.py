@@ -111,3 +111,20 @@ def test_colocated_refuses_live_replacement(model):
             llm.engine.rebalance(zipf_loads(mc.num_layers, mc.num_experts, 1.5))
         out = llm.generate([_workload()[0][0]], _params(4))[0].outputs[0].token_ids
     assert len(out) == 4
+
+
+@pytest.mark.parametrize("options", [dict(attn_groups=2, expert_groups=2, micro_batches=2, layout="afd"),
+                                     dict(attn_groups=2, layout="colocated")], ids=["afd", "colocated"])
+def test_prompt_logprobs_reach_the_frontend(model, options):
+    """Prompt logprobs computed on an attention leader (over chunked prefills) arrive with the
+    first token and equal the single-process engine's."""
+    prompts = [p for p, _ in _workload()]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    with LLM(model, max_num_batched_tokens=BUDGET) as llm:
+        want = [o.prompt_logprobs for o in llm.generate(prompts, params)]
+    with LLM(model, max_num_batched_tokens=BUDGET, **options) as llm:
+        got = [o.prompt_logprobs for o in llm.generate(prompts, params)]
+    for g, w in zip(got, want):
+        assert len(g) == len(w) and g[0] is None
+        for a, b in zip(g[1:], w[1:]):
+            assert a.keys() == b.keys() and list(a.values()) == pytest.approx(list(b.values()), abs=1e-5)

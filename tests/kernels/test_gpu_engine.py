@@ -86,17 +86,24 @@ def test_kv_cache_fills_gpu_memory_utilization(tiny_models):
 def test_sampling_params_on_gpu(tiny_models, async_scheduling):
     """Every sampling option runs on the GPU engine, synchronously and with async scheduling
     (where a seeded request makes steps synchronous: seeds live in CPU generators; penalties and
-    logprobs run on the GPU): seeded sampling is reproducible, the others finish with their tokens."""
+    logprobs run on the GPU): seeded sampling is reproducible, the others finish with their tokens,
+    allowed_token_ids hold, and a penalty that overflows the logits still samples."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    prompts = [[5, 6, 7], [9, 10, 11, 12], [3] * 20, [40, 41]]
+    prompts = [[5, 6, 7], [9, 10, 11, 12], [3] * 20, [40, 41], [8, 9], [8, 9]]
     params = [SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.01, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, repetition_penalty=1.2),
-              SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True, presence_penalty=0.5)]
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, repetition_penalty=1.2,
+                             prompt_logprobs=2),
+              SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True, presence_penalty=0.5),
+              SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, allowed_token_ids=[11, 12, 13]),
+              SamplingParams(temperature=0.5, max_tokens=12, ignore_eos=True, repetition_penalty=1e-38)]
     with LLM(tiny_models["qwen3_moe"], device="cuda", dtype="float32", async_scheduling=async_scheduling) as llm:
-        first = [o.outputs[0] for o in llm.generate(prompts, params)]
+        outs = llm.generate(prompts, params)
+        first = [o.outputs[0] for o in outs]
         again = llm.generate([prompts[1]], params[1])[0].outputs[0]
     assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in first)
     assert again.token_ids == first[1].token_ids  # the seed decides the draws
     assert len(first[2].logprobs) == 12
+    assert len(outs[2].prompt_logprobs) == 20 and all(len(e) in (2, 3) for e in outs[2].prompt_logprobs[1:])
+    assert set(first[4].token_ids) <= {11, 12, 13}  # allowed_token_ids; [5]: an overflowing penalty still samples

@@ -70,3 +70,27 @@ def test_greedy_generation_matches_hf(tiny_models, family):
     for prompt, out in zip(prompts, outs):
         ref = _hf_greedy(hf, prompt, 32)
         assert out.outputs[0].token_ids == ref, f"{family}, prompt of {len(prompt)} tokens"
+
+
+def test_prompt_logprobs_match_hf(tiny_models):
+    """Prompt logprobs (vLLM's prompt_logprobs) equal log-softmax of HF's logits at every prompt
+    position, also when the prefill is chunked over several steps and when several requests
+    share a step; the top entries are the most likely tokens."""
+    path = tiny_models["qwen3_moe"]
+    hf = _hf_model(path)
+    prompts = _prompts(hf.config.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    with LLM(path, max_num_batched_tokens=24) as llm:  # the 40-token prompt takes two steps
+        outs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        got = out.prompt_logprobs
+        assert len(got) == len(prompt) and got[0] is None
+        for p in range(1, len(prompt)):
+            top = ref[p - 1].topk(3)
+            want = {prompt[p]: float(ref[p - 1, prompt[p]])} | dict(zip(top.indices.tolist(), top.values.tolist()))
+            assert got[p].keys() == want.keys()
+            assert list(got[p].values()) == pytest.approx([want[t] for t in got[p]], abs=1e-4)
+    with LLM(path) as llm:  # not asked for: None
+        assert llm.generate(prompts[:1], SamplingParams(max_tokens=1))[0].prompt_logprobs is None

@@ -46,7 +46,6 @@ COMPLETION_CASES = [
     ({"logit_bias": {"-1": 1.0}}, "logit_bias"),
     ({"logit_bias": {"five": 1.0}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
-    ({"echo": True, "logprobs": 1}, "echo"),
     ({"prompt": [-1, 5]}, "prompt"),
     ({"prompt": [5, VOCAB]}, "prompt"),
     ({"prompt": []}, "prompt"),
@@ -56,7 +55,7 @@ COMPLETION_CASES = [
     ({"guided_choice": ["yes", "no"]}, "guided_choice"),  # vLLM extras afdserve does not implement
     ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
     ({"use_beam_search": True}, "use_beam_search"),
-    ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"bad_words": ["x"]}, "bad_words"),
     ({"allowed_token_ids": [3, VOCAB]}, "allowed_token_ids"),
     ({"allowed_token_ids": []}, "allowed_token_ids"),
@@ -86,6 +85,7 @@ CHAT_CASES = [
     ({"chat_template_kwargs": {"tokenize": True}}, "messages"),
     ({"echo": True}, "echo"),
     ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
 ]
 
 

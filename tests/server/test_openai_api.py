@@ -204,3 +204,31 @@ def test_cors_preflight_needs_no_api_key(server):
                       headers={"Origin": "http://example.com", "Access-Control-Request-Method": "POST",
                                "Access-Control-Request-Headers": "authorization,content-type"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", "http://example.com")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_scores_the_prompt(client, server_model, stream):
+    """lm-eval's log-likelihood request (echo + logprobs): the prompt's tokens come back with
+    their logprobs (the first null), then the output's; they equal the offline engine's prompt
+    logprobs. vLLM's prompt_logprobs field gives the same numbers in its own shape."""
+    from afdserve import LLM, SamplingParams
+
+    prompt = [5, 17, 99, 4, 250, 31]
+    with LLM(server_model) as llm:
+        want = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=1))[0].prompt_logprobs
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1, temperature=0.0,
+              extra_body={"ignore_eos": True, "prompt_logprobs": 2})
+    if stream:
+        chunks = list(client.completions.create(stream=True, **kw))
+        lp, first = chunks[0].choices[0].logprobs, chunks[0].choices[0]
+        token_lps = lp.token_logprobs + [x for c in chunks[1:] for ch in c.choices if ch.logprobs
+                                         for x in ch.logprobs.token_logprobs]
+    else:
+        first = client.completions.create(**kw).choices[0]
+        token_lps = first.logprobs.token_logprobs
+    assert len(token_lps) == len(prompt) + 2 and token_lps[0] is None
+    assert token_lps[1:len(prompt)] == pytest.approx([w[t] for w, t in zip(want[1:], prompt[1:])], abs=1e-4)
+    plp = first.model_extra["prompt_logprobs"]
+    assert len(plp) == len(prompt) and plp[0] is None
+    for entry, t, w in zip(plp[1:], prompt[1:], want[1:]):
+        assert entry[str(t)]["logprob"] == pytest.approx(w[t], abs=1e-4) and len(entry) in (2, 3)
