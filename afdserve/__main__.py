@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from afdserve.config import ConfigError
+from afdserve.config import ConfigError, vllm_parallel_options
 from afdserve.core import InvalidRequest
 
 DEFAULT_TINY_FAMILY = "qwen3_moe"
@@ -67,7 +67,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "value N: the default ladder up to N (default: up to --max-num-seqs)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch the next step while the GPU runs this one (default: on for a "
-                        "single-process GPU engine; steps with seeded sampling run synchronously)")
+                        "single-process GPU engine)")
     p.add_argument("--dist-timeout", type=float, default=120.0, dest="dist_timeout_s",
                    help="seconds before a collective or transfer with a silent peer fails (every process group)")
     p.add_argument("--router-skew", type=float, default=0.0,
@@ -102,30 +102,20 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _flag_kwargs(args: argparse.Namespace) -> dict:
-    attn_tp, expert_tp, layout = args.attn_tp, args.expert_tp, args.layout
-    if args.tensor_parallel_size is not None:
-        if (attn_tp, expert_tp) != (1, 1):
-            raise ConfigError("give either --tensor-parallel-size or --attn-tp/--expert-tp, not both")
-        attn_tp = expert_tp = args.tensor_parallel_size
-    if args.enable_expert_parallel:
-        if layout not in (None, "colocated"):
-            raise ConfigError(f"--enable-expert-parallel selects the colocated layout; it conflicts with --layout "
-                              f"{layout}")
-        layout = "colocated"
-    return dict(device=args.device, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                kv_cache_memory_gb=args.kv_cache_memory_gb, gpu_memory_utilization=args.gpu_memory_utilization,
-                attn_groups=args.attn_groups,
-                attn_tp=attn_tp, expert_groups=args.expert_groups, expert_tp=expert_tp,
-                micro_batches=args.micro_batches, layout=layout, afd_transport=args.afd_transport,
-                router_skew=args.router_skew,
-                load_format=args.load_format, enforce_eager=args.enforce_eager, dist_timeout_s=args.dist_timeout_s,
-                enable_eplb=args.enable_eplb, num_redundant_experts=args.num_redundant_experts,
-                eplb_window_size=args.eplb_window_size, eplb_step_interval=args.eplb_step_interval,
-                eplb_threshold=args.eplb_threshold, expert_load_file=args.expert_load_file,
-                benchmark_skip_prefill=args.benchmark_skip_prefill, async_scheduling=args.async_scheduling,
-                cuda_graph_sizes=args.cuda_graph_sizes)
+    return vllm_parallel_options(dict(
+        device=args.device, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization, attn_groups=args.attn_groups, attn_tp=args.attn_tp,
+        expert_groups=args.expert_groups, expert_tp=args.expert_tp, micro_batches=args.micro_batches,
+        layout=args.layout, afd_transport=args.afd_transport, router_skew=args.router_skew,
+        load_format=args.load_format, enforce_eager=args.enforce_eager, dist_timeout_s=args.dist_timeout_s,
+        enable_eplb=args.enable_eplb, num_redundant_experts=args.num_redundant_experts,
+        eplb_window_size=args.eplb_window_size, eplb_step_interval=args.eplb_step_interval,
+        eplb_threshold=args.eplb_threshold, expert_load_file=args.expert_load_file,
+        benchmark_skip_prefill=args.benchmark_skip_prefill, async_scheduling=args.async_scheduling,
+        cuda_graph_sizes=args.cuda_graph_sizes, tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -154,8 +154,8 @@ class SchedulerConfig:
     # vLLM's --async-scheduling: the next step is scheduled and launched before the host has the
     # tokens of the one running (they stay on the GPU and feed it), so scheduling, input
     # preparation and output handling overlap the GPU. None: on for a single-process GPU engine.
-    # Steps with a seeded sampling request (its generator lives on the host) run synchronously;
-    # logprobs, penalties and logit bias are computed on the device.
+    # Sampling (seeded requests draw from their own generator on the device), logprobs,
+    # penalties and logit bias are computed on the device: no step needs the host's tokens.
     async_scheduling: bool | None = None
     # vLLM's --cuda-graph-sizes: decode batch sizes captured as CUDA graphs (per micro-batch when
     # disaggregated). None: this engine's ladder (``cuda_graphs.buckets``) up to the largest decode
@@ -297,6 +297,29 @@ _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": Par
 GPU_SCHEDULER_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
 DTYPE_NAMES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
                "half": "float16"}  # vLLM's --dtype spellings, plus "auto"
+
+
+def vllm_parallel_options(options: dict) -> dict:
+    """vLLM's parallel keywords in this engine's terms (a copy): ``tensor_parallel_size`` is the
+    TP size of attention and expert groups alike, ``data_parallel_size`` the attention replicas,
+    ``enable_expert_parallel`` the colocated layout."""
+    options = dict(options)
+    tp = options.pop("tensor_parallel_size", None)
+    if tp is not None:
+        if (options.get("attn_tp", 1), options.get("expert_tp", 1)) != (1, 1):
+            raise ConfigError("give either tensor_parallel_size or attn_tp/expert_tp, not both")
+        options["attn_tp"] = options["expert_tp"] = tp
+    dp = options.pop("data_parallel_size", None)
+    if dp is not None:
+        if options.get("attn_groups", 1) not in (1, dp):
+            raise ConfigError("give either data_parallel_size or attn_groups, not both")
+        options["attn_groups"] = dp
+    if options.pop("enable_expert_parallel", False):
+        if options.get("layout") not in (None, "colocated"):
+            raise ConfigError(f"enable_expert_parallel selects the colocated layout; it conflicts with layout "
+                              f"{options['layout']}")
+        options["layout"] = "colocated"
+    return options
 
 
 def resolve_device(device: str) -> str:

@@ -11,7 +11,6 @@ stopped was computed one step too far; that row is dropped."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,7 @@ from afdserve.kv_cache import blocks_needed
 from afdserve.layers.basic import to_device
 from afdserve.output import append_token
 from afdserve.runner import Executor, MicroBatchInput, fill_prompt_logprobs, prepare, sample_logits
-from afdserve.sampler import DeviceSample, PenaltyTable, can_sample_on_device, sample, sample_on_device
+from afdserve.sampler import DeviceSample, PenaltyTable, sample, sample_on_device
 from afdserve.scheduler import Scheduler
 
 
@@ -90,7 +89,6 @@ class Engine:
         self.device = device
         self.vocab_size = attn.cfg.vocab_size
         self.requests: dict[str, Request] = {}
-        self.generator = torch.Generator().manual_seed(seed)
         self.num_steps = 0
         self.async_scheduling = async_scheduling
         self.device_generator = torch.Generator(device=device).manual_seed(seed)
@@ -113,7 +111,7 @@ class Engine:
         req = Request(request_id, list(prompt_token_ids), params, arrival_time=arrival_time,
                       max_total_tokens=total, prompt=prompt)
         if params.seed is not None:
-            req.generator = torch.Generator().manual_seed(params.seed)
+            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req
@@ -141,9 +139,6 @@ class Engine:
         a disaggregated replica must take part in every global step."""
         if always_run or not self.async_scheduling:
             return self._step_sync(always_run)
-        if not all(can_sample_on_device(r) for r in self._may_run_next()):
-            # a request needs the host's view of its tokens: read the pending ones, then step synchronously
-            return self._read_inflight() if self._inflight is not None else self._step_sync(False)
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return self._read_inflight()
@@ -169,13 +164,6 @@ class Engine:
         if self._penalties is None and any(r.params.penalizes for r in sampling):
             self._penalties = PenaltyTable(logits_SV.shape[1], logits_SV.device)
         return self._penalties
-
-    def _may_run_next(self) -> list[Request]:
-        """The running requests and the waiting ones the next step could admit (the scheduler
-        admits from the head of the queue, up to max_num_seqs running)."""
-        s = self.scheduler
-        room = max(0, s.max_num_seqs - len(s.running))
-        return [*s.running, *itertools.islice(s.waiting, room)]
 
     def _fill_pending(self, inputs: list[MicroBatchInput]) -> None:
         """Input rows whose token the running step samples read it on the device."""
@@ -220,7 +208,8 @@ class Engine:
         for c in plan.chunks:
             c.request.num_computed += c.num_new
         sampling = [c.request for c in plan.chunks if c.samples]
-        tokens, logprobs = sample(logits_SV, sampling, self.generator, self._penalty_table(logits_SV, sampling))
+        tokens, logprobs = sample(logits_SV, sampling, self.device_generator,
+                                  self._penalty_table(logits_SV, sampling))
         for req, token, lp in zip(sampling, tokens, logprobs):
             reason = append_token(req, token, lp, self.tokenizer, self.eos_ids, self.max_model_len)
             if reason is not None:

@@ -12,31 +12,15 @@ from afdserve.core import Request, SamplingParams
 from afdserve.layers.basic import to_device
 
 
-def sample(logits_NV: torch.Tensor, requests: list[Request], default_generator: torch.Generator | None = None,
+def sample(logits_NV: torch.Tensor, requests: list[Request], generator: torch.Generator | None = None,
            penalties: PenaltyTable | None = None) -> tuple[list[int], list[dict[int, float] | None]]:
-    """One new token per row; greedy rows take the argmax (ties: lowest id). Penalties count
-    from ``penalties`` (caught up with the host's tokens) or, without one, from whole histories."""
-    raw_NV = logits_NV.float()
-    counts = penalties.gather if penalties else lambda reqs: PenaltyTable(raw_NV.shape[1], raw_NV.device).gather(reqs)
-    logits_NV = adjust_batch(raw_NV, requests, counts)
-    tokens = torch.argmax(logits_NV, dim=-1).tolist()
-    rows = [i for i, req in enumerate(requests) if not req.params.greedy]
-    if rows:  # each row draws from its own CPU generator (its seed's, else the engine's)
-        probs_RV = probs_batch(logits_NV[rows], [requests[i].params for i in rows]).cpu()
-        for i, probs_V in zip(rows, probs_RV):
-            gen = requests[i].generator or default_generator
-            tokens[i] = int(torch.multinomial(probs_V, 1, generator=gen).item())
-    if all(req.params.logprobs is None for req in requests):
-        return tokens, [None] * len(tokens)
-    chosen = with_logprobs(raw_NV, to_device(tokens, torch.int64, raw_NV.device), requests)
-    return tokens, chosen.logprob_entries(chosen.tensors())
-
-
-def can_sample_on_device(req: Request) -> bool:
-    """Whether the request's next token can be sampled without the host (async scheduling): no
-    per-request seed (its generator lives on the host; greedy rows need none). Penalties, logit
-    bias and logprobs are computed on the device."""
-    return req.params.greedy or req.generator is None
+    """``sample_on_device``, read on the host: one new token per row and each row's logprobs
+    (None where not asked for). Without ``penalties`` the penalised rows count whole histories."""
+    if penalties is None and any(req.params.penalizes for req in requests):
+        penalties = PenaltyTable(logits_NV.shape[1], logits_NV.device)
+    chosen = sample_on_device(logits_NV, requests, generator, penalties)
+    host = [t.cpu() for t in chosen.tensors()]
+    return host[0].tolist(), chosen.logprob_entries(host)
 
 
 @dataclass
@@ -82,12 +66,14 @@ def with_logprobs(raw_NV: torch.Tensor, tokens_N: torch.Tensor, requests: list[R
     return out
 
 
-def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator: torch.Generator,
+def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator: torch.Generator | None = None,
                      penalties: PenaltyTable | None = None) -> DeviceSample:
     """Tokens left on the logits' device, no host synchronisation: penalties (output counts from
     ``penalties``, which the tokens sampled here join) and logit bias as ``adjust_batch`` applies
     them, greedy rows take the argmax (ties: lowest id), the others sample from ``probs_batch``
-    by the exponential race (argmax of p / Exp(1) noise picks token i with probability p_i);
+    by the exponential race (argmax of p / Exp(1) noise picks token i with probability p_i), the
+    noise from the request's seeded generator (on this device) or else from ``generator`` (None:
+    torch's default one);
     logprobs of the raw model distribution for the rows that ask."""
     raw_NV = logits_NV.float()
     dev = raw_NV.device
@@ -101,6 +87,9 @@ def sample_on_device(logits_NV: torch.Tensor, requests: list[Request], generator
         rows_R = to_device(rows, torch.int64, dev)
         probs_RV = probs_batch(logits_NV.index_select(0, rows_R), [requests[i].params for i in rows])
         noise_RV = torch.empty_like(probs_RV).exponential_(generator=generator)
+        for r, i in enumerate(rows):  # a seed's draws come from its own generator: batch-independent
+            if requests[i].generator is not None:
+                noise_RV[r].exponential_(generator=requests[i].generator)
         tokens_N.index_copy_(0, rows_R, (probs_RV / noise_RV).argmax(-1))
     if penalised:
         chosen_R = tokens_N.index_select(0, to_device(penalised, torch.int64, dev))

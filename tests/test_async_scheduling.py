@@ -9,7 +9,7 @@ import torch
 
 from afdserve import LLM, SamplingParams
 from afdserve.core import Request
-from afdserve.sampler import can_sample_on_device, probs_batch, sample_on_device
+from afdserve.sampler import probs_batch, sample_on_device
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -83,26 +83,28 @@ def test_stop_strings_and_stop_token_ids(model):
         assert got == ref and ref[0][2] == "stop"
 
 
-def test_requests_that_need_the_host_step_synchronously(model):
-    """Seeded sampling (the seed's generator lives on the host) in the same batch as requests
-    with logprobs, penalties and plain ones: every output as without async."""
+def test_seeded_requests_match_the_synchronous_engine(model):
+    """Seeded sampling (each seed draws from its own generator on the device) in the same batch
+    as requests with logprobs, penalties and plain ones: every output as without async, and
+    every step stays asynchronous."""
     prompts = _prompts(6)
-    # the host-bound ones end first, so the rest of the run steps asynchronously
     params = [GREEDY, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2), GREEDY,
               SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, repetition_penalty=1.3),
               SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True, seed=5),
-              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, seed=9)]
-    seeded = [Request(str(i), [1], p, generator=None if p.seed is None else torch.Generator().manual_seed(p.seed))
-              for i, p in enumerate(params)]
-    assert [can_sample_on_device(r) for r in seeded] == [True, True, True, True, False, True]
-    ref, got, llm = _both(model, prompts, params)
-    llm.shutdown()
-    assert got == ref
+              SamplingParams(temperature=0.9, max_tokens=24, ignore_eos=True, seed=9, top_p=0.8)]
+    with LLM(model, async_scheduling=False) as llm:
+        ref = _summary(llm.generate(prompts, params))
+    with LLM(model, async_scheduling=True) as llm:
+        sync_steps = []
+        step_sync = llm.engine._step_sync
+        llm.engine._step_sync = lambda always_run: sync_steps.append(1) or step_sync(always_run)
+        got = _summary(llm.generate(prompts, params))
+    assert got == ref and not sync_steps
 
 
 def test_abort_and_arrivals_while_a_step_is_in_flight(model):
     prompts = _prompts(5)
-    # the seed needs a synchronous step (its generator lives on the host)
+    # seeded, with logprobs: sampled on the device like the others
     with_lp = SamplingParams(temperature=0.8, seed=11, max_tokens=8, ignore_eos=True, logprobs=1)
     with LLM(model, async_scheduling=False) as llm:
         alone = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
@@ -122,7 +124,7 @@ def test_abort_and_arrivals_while_a_step_is_in_flight(model):
         eng.add_request("e", prompts[4], with_lp)
         reqs = {rid: eng.requests[rid] for rid in ("a", "c", "d", "e")}
         eng.step()
-        assert eng._inflight is None  # the pending tokens were read before the synchronous steps
+        assert eng._inflight is not None  # a seeded request does not make the step synchronous
         while eng.has_unfinished():
             eng.step()
         assert [reqs[r].output_token_ids for r in ("a", "c", "d")] == [alone[0], alone[2], alone[3]]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from afdserve import LLM, SamplingParams
+from afdserve.core import InvalidRequest
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -154,3 +155,33 @@ def test_kv_budget_from_gpu_memory_utilization(model):
                 dict(dist_timeout_s=0)):
         with pytest.raises(ConfigError):
             make_config(model, **bad)
+
+
+def test_vllm_offline_api_shapes(model):
+    """What vLLM scripts call: prompt dicts, LLM.chat (one conversation or several), use_tqdm,
+    get_tokenizer, and vLLM's constructor keywords."""
+    from afdserve.config import ConfigError, vllm_parallel_options
+
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    conv = [{"role": "user", "content": "Hello there"}]
+    with LLM(model, tensor_parallel_size=1, trust_remote_code=True, tokenizer=model) as llm:
+        tok = llm.get_tokenizer()
+        ids = tok.encode("Hello world")
+        plain = [o.outputs[0].token_ids for o in llm.generate(["Hello world", ids], greedy)]
+        dicts = llm.generate([{"prompt": "Hello world"}, {"prompt_token_ids": ids}], greedy, use_tqdm=True)
+        assert [o.outputs[0].token_ids for o in dicts] == plain and dicts[0].prompt == "Hello world"
+        text = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        want = llm.generate([tok.encode(text, add_special_tokens=False)], greedy)[0].outputs[0].token_ids
+        one = llm.chat(conv, greedy)
+        two = llm.chat([conv, conv + [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]],
+                       greedy)
+        assert one[0].outputs[0].token_ids == want == two[0].outputs[0].token_ids and len(two) == 2
+        with pytest.raises(InvalidRequest, match="prompt dict"):
+            llm.generate({"text": "x"}, greedy)
+    with pytest.raises(ConfigError, match="tokenizer"):
+        LLM(model, tokenizer="other/tokenizer")
+    assert vllm_parallel_options(dict(tensor_parallel_size=2, data_parallel_size=3)) == \
+        dict(attn_tp=2, expert_tp=2, attn_groups=3)
+    assert vllm_parallel_options(dict(data_parallel_size=2, enable_expert_parallel=True))["layout"] == "colocated"
+    with pytest.raises(ConfigError):
+        vllm_parallel_options(dict(tensor_parallel_size=2, attn_tp=2))

@@ -85,8 +85,8 @@ def test_kv_cache_fills_gpu_memory_utilization(tiny_models):
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_sampling_params_on_gpu(tiny_models, async_scheduling):
     """Every sampling option runs on the GPU engine, synchronously and with async scheduling
-    (where a seeded request makes steps synchronous: seeds live in CPU generators; penalties and
-    logprobs run on the GPU): seeded sampling is reproducible, the others finish with their tokens,
+    (seeds draw from their own GPU generators; penalties and logprobs run on the GPU): seeded
+    sampling is reproducible, the others finish with their tokens,
     allowed_token_ids hold, and a penalty that overflows the logits still samples."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
