@@ -35,7 +35,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: 256 on GPU, 64 on CPU")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget of one step (default: 8192 on GPU, 512 on CPU)")
+                   help="token budget of one step (default: 2048 on GPU, 512 on CPU)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-gb", type=float, default=None,

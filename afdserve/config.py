@@ -293,8 +293,9 @@ class EngineConfig:
 
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig, "eplb": EplbConfig}
-# vLLM-like batch limits on a GPU; the CPU keeps SchedulerConfig's small ones (64 sequences, 512 tokens)
-GPU_SCHEDULER_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
+# vLLM-like batch limits on a GPU (its API server's token budget: the disaggregated transport's
+# buffers scale with it); the CPU keeps SchedulerConfig's small ones (64 sequences, 512 tokens)
+GPU_SCHEDULER_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 2048}
 DTYPE_NAMES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
                "half": "float16"}  # vLLM's --dtype spellings, plus "auto"
 

@@ -67,6 +67,11 @@ class SamplingParams:
             ("allowed_token_ids", self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
              "must not be empty"),
         ]
+        ints = ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+        for name in ints:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidRequest(f"{name} must be an integer, got {value!r}", param=name)
         for name, ok, why in checks:
             if not ok:
                 raise InvalidRequest(f"{name} {why}, got {getattr(self, name)!r}", param=name)

@@ -7,7 +7,7 @@ against. Legend: T tokens, D hidden, V vocab, S rows that sample."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -33,6 +33,10 @@ class MicroBatchInput:
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids_T.numel())
+
+    def for_peers(self) -> MicroBatchInput:
+        """What the tensor-parallel peers need (no requests: they only run the layers)."""
+        return replace(self, pending_rows=[], prompt_lp_rows=[])
 
 
 class Executor(Protocol):

@@ -66,7 +66,7 @@ def placement_sweep() -> dict:
 def live_run(model: str) -> dict:
     prompts = [[5 + i] * (3 + i) for i in range(8)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    with LLM(model, expert_groups=3, micro_batches=2, num_redundant_experts=2, router_skew=1.5,
+    with LLM(model, device="cpu", expert_groups=3, micro_batches=2, num_redundant_experts=2, router_skew=1.5,
              eplb_window_size=32) as llm:
         llm.generate(prompts, params)
         before = llm.engine.stats()

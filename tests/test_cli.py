@@ -110,7 +110,7 @@ def test_device_and_dtype_auto(tiny_models, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda" and resolve_device("cpu") == "cpu"
     cfg = make_config(tiny_models["qwen3_moe"], **unset)
-    assert (cfg.device, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens) == ("cuda", 256, 8192)
+    assert (cfg.device, cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens) == ("cuda", 256, 2048)
     assert cfg.dtype == resolve_dtype("auto", "cuda", mc)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = make_config(tiny_models["qwen3_moe"], **unset)

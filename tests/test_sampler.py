@@ -95,7 +95,8 @@ def test_logit_bias_steers_greedy_and_logprobs_stay_raw():
 @pytest.mark.parametrize("params,name", [
     (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-2.1), "frequency_penalty"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(logit_bias={"x": 1.0}), "logit_bias"),
-    (dict(logit_bias={1: 200.0}), "logit_bias")])
+    (dict(logit_bias={1: 200.0}), "logit_bias"), (dict(prompt_logprobs=1.5), "prompt_logprobs"),
+    (dict(logprobs=True), "logprobs"), (dict(top_k=2.0), "top_k"), (dict(prompt_logprobs=21), "prompt_logprobs")])
 def test_penalty_and_bias_validation(params, name):
     from afdserve.core import InvalidRequest
 

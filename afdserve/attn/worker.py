@@ -92,7 +92,8 @@ class AttnWorker:
         bcast = inputs_bcast = None
         if self.tp_group is not None:
             bcast = broadcast_tensor(self.tp_src, self.tp_group)
-            inputs_bcast = lambda inputs: broadcast_object(inputs, self.tp_src, self.tp_group)  # noqa: E731
+            inputs_bcast = lambda inputs: broadcast_object(  # noqa: E731
+                None if inputs is None else [inp.for_peers() for inp in inputs], self.tp_src, self.tp_group)
         return AttnPipelineExecutor(self.attn, kv, initial_placement(cfg), transport, cfg.parallel.micro_batches,
                                     bcast, inputs_bcast)
 

@@ -64,12 +64,14 @@ class ServerState:
         return name
 
     def render_chat(self, messages: list[ChatMessageIn], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False, kwargs: dict | None = None) -> str:
-        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+                    continue_final_message: bool = False, kwargs: dict | None = None,
+                    chat_template: str | None = None) -> str:
+        """The prompt text: the request's template, else the server's, else the tokenizer's. A
+        message's other fields (tool_calls, tool_call_id, ...) reach the template as given."""
+        template = chat_template or self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise APIError(400, "this model has no chat template; start the server with --chat-template", "messages")
-        msgs = [{"role": m.role, "content": _text_content(m.content)} | ({"name": m.name} if m.name else {})
-                for m in messages]
+        msgs = [m.model_dump(exclude_none=True) | {"content": _text_content(m.content)} for m in messages]
         try:
             return self.tokenizer.apply_chat_template(
                 msgs, chat_template=template, add_generation_prompt=add_generation_prompt,

@@ -207,12 +207,13 @@ class AsyncEngine:
                 continue  # aborted meanwhile
             new = req.output_token_ids[live.sent:]
             lps = req.output_logprobs[live.sent:] if req.params.logprobs is not None else []
-            if self.metrics is not None:
+            err = errors.pop(req.request_id, None)
+            if self.metrics is not None:  # a request failed by its worker is not counted as finished
                 self.metrics.on_tokens(len(new), now - (live.last or live.arrival), live.last is None,
-                                       req.finish_reason, now - live.arrival, req.queue_s)
+                                       None if err is not None else req.finish_reason, now - live.arrival,
+                                       req.queue_s)
             first = live.last is None
             live.sent, live.last = len(req.output_token_ids), now
-            err = errors.pop(req.request_id, None)
             prompt_lps = req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None
             out.append((live.group, Update(live.index, new, lps, req.output_text, req.finish_reason,
                                            req.stop_reason, err, prompt_lps)))

@@ -132,7 +132,7 @@ def make_state(engine, cfg: EngineConfig, args: argparse.Namespace, chat_templat
     from afdserve.server.metrics import ServerMetrics
     from afdserve.tokenizer import load_tokenizer
 
-    names = args.served_model_name or [cfg.model]
+    names = args.served_model_name or [args.model or args.model_flag or cfg.model]  # a Hub id as typed
     metrics = ServerMetrics(names[0])
     aengine = AsyncEngine(engine, metrics)
     metrics.watch(lambda: aengine.stats)

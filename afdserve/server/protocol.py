@@ -60,7 +60,9 @@ class SamplingFields(OpenAIBase):
     structured_outputs: Any = None
     bad_words: Any = None
     use_beam_search: bool = False
-    prompt_logprobs: int | None = None  # completions only
+    prompt_embeds: Any = None
+    logits_processors: Any = None
+    prompt_logprobs: int | None = Field(None, ge=0)  # completions only
 
     def check_common(self) -> None:
         """Refusals that SamplingParams cannot make: unsupported features, field combinations."""
@@ -69,7 +71,7 @@ class SamplingFields(OpenAIBase):
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequest(f"n must be in 1..{MAX_N}, got {self.n}", "n")
         for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-                     "bad_words", "use_beam_search"):
+                     "bad_words", "use_beam_search", "prompt_embeds", "logits_processors"):
             if getattr(self, name) not in (None, False, [], {}):
                 raise InvalidRequest(f"{name} is not supported by afdserve", name)
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
@@ -143,8 +145,10 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    functions: Any = None  # OpenAI's legacy function calling: refused like tools
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     echo: bool = False
@@ -160,6 +164,8 @@ class ChatCompletionRequest(SamplingFields):
                                  "are shown to the chat template, no call is parsed)", "tools")
         if self.echo:
             raise InvalidRequest("echo is not supported by afdserve for chat completions", "echo")
+        if self.functions:
+            raise InvalidRequest("function calling is not supported by afdserve", "functions")
         if self.prompt_logprobs is not None:
             raise InvalidRequest("prompt_logprobs is supported by /v1/completions only", "prompt_logprobs")
         if self.response_format and self.response_format.get("type") not in (None, "text"):

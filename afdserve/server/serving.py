@@ -111,7 +111,8 @@ async def create_chat(state: ServerState, body: ChatCompletionRequest, raw: Requ
     model = state.check_model(body.model)
     body.check()
     kwargs = (body.chat_template_kwargs or {}) | ({"tools": body.tools} if body.tools else {})
-    text = state.render_chat(body.messages, body.add_generation_prompt, body.continue_final_message, kwargs)
+    text = state.render_chat(body.messages, body.add_generation_prompt, body.continue_final_message, kwargs,
+                             body.chat_template)
     ids = state.tokenizer.encode(text, add_special_tokens=False)
     prompts = [(body.truncate(ids, state.max_model_len), text if body.truncate_prompt_tokens is None else None)]
     mt_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"

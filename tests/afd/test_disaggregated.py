@@ -114,16 +114,20 @@ def test_colocated_refuses_live_replacement(model):
 
 
 @pytest.mark.parametrize("options", [dict(attn_groups=2, expert_groups=2, micro_batches=2, layout="afd"),
-                                     dict(attn_groups=2, layout="colocated")], ids=["afd", "colocated"])
+                                     dict(attn_tp=2, expert_groups=2, micro_batches=2, layout="afd"),
+                                     dict(attn_groups=2, layout="colocated")], ids=["afd", "afd_tp2", "colocated"])
 def test_prompt_logprobs_reach_the_frontend(model, options):
     """Prompt logprobs computed on an attention leader (over chunked prefills) arrive with the
-    first token and equal the single-process engine's."""
+    first token and equal the single-process engine's; so do seeded samples."""
     prompts = [p for p, _ in _workload()]
-    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    params = SamplingParams(temperature=0.8, seed=4, max_tokens=2, prompt_logprobs=2)  # seeded: a generator
     with LLM(model, max_num_batched_tokens=BUDGET) as llm:
-        want = [o.prompt_logprobs for o in llm.generate(prompts, params)]
+        ref = llm.generate(prompts, params)
     with LLM(model, max_num_batched_tokens=BUDGET, **options) as llm:
-        got = [o.prompt_logprobs for o in llm.generate(prompts, params)]
+        outs = llm.generate(prompts, params)
+    # a seed's draws do not depend on the batch, so the sampled tokens agree too
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    got, want = [o.prompt_logprobs for o in outs], [o.prompt_logprobs for o in ref]
     for g, w in zip(got, want):
         assert len(g) == len(w) and g[0] is None
         for a, b in zip(g[1:], w[1:]):

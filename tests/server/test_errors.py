@@ -61,6 +61,10 @@ COMPLETION_CASES = [
     ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     ({"prompt": [[5]] * 1025}, "prompt"),
+    ({"prompt_embeds": "AAAA"}, "prompt_embeds"),
+    ({"logits_processors": ["x"]}, "logits_processors"),
+    ({"prompt_logprobs": -1, "echo": True, "logprobs": 1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 1.5}, "prompt_logprobs"),
 ]
 
 
@@ -86,6 +90,7 @@ CHAT_CASES = [
     ({"echo": True}, "echo"),
     ({"guided_json": {"type": "object"}}, "guided_json"),
     ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"functions": [{"name": "f"}]}, "functions"),
 ]
 
 

@@ -197,6 +197,10 @@ def test_vllm_extras_truncation_allowed_tokens_and_tools_none(client, server_mod
     out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                          tools=tools, tool_choice="none")
     assert out.choices[0].message.content is not None
+    # a request's own chat template (vLLM's chat_template field) replaces the model's
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi there"}],
+                                         max_tokens=1, extra_body={"chat_template": "{{ messages[0]['content'] }}"})
+    assert out.usage.prompt_tokens == len(tok.encode("hi there", add_special_tokens=False))
 
 
 def test_cors_preflight_needs_no_api_key(server):
