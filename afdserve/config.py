@@ -5,6 +5,7 @@ ModelConfig is read from a Hugging Face ``config.json``; the others hold engine 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -281,6 +282,13 @@ class EngineConfig:
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout_s}")
 
+    def agreement(self) -> dict:
+        """What every rank of one deployment must be started with alike (torchrun starts each
+        node with its own flags): all but the model's local path and the device."""
+        fields = dataclasses.asdict(self)
+        del fields["model"], fields["device"]
+        return _flatten(fields)
+
     @property
     def max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings
@@ -290,6 +298,16 @@ class EngineConfig:
             raise ConfigError(f"max_model_len={self.scheduler.max_model_len} exceeds the model's "
                               f"max_position_embeddings={limit}")
         return self.scheduler.max_model_len
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
 
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig, "eplb": EplbConfig}

@@ -53,7 +53,7 @@ def worker_main(rank: int, world_size: int, init_method: str, spec: WorkerSpec) 
 
     topo = spec.topology
     backend, device = _backend(spec.config.device, world_size, rank)
-    groups = init_distributed(topo, rank, backend, init_method, spec.timeout_s, device)
+    groups = init_distributed(topo, rank, backend, init_method, spec.timeout_s, device, spec.config.agreement())
     torch.manual_seed(spec.config.seed)
     if spec.config.device == "cpu":
         torch.set_num_threads(1)  # many ranks share the cores

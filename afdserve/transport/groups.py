@@ -20,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from afdserve.config import ConfigError
 from afdserve.transport.topology import RankRole, Topology
 
 STARTUP_TIMEOUT_S = 600.0  # ranks wait this long for each other to load their weights (also the frontend's)
@@ -69,13 +70,16 @@ class Groups:
 
 
 def init_distributed(topology: Topology, rank: int, backend: str = "gloo", init_method: str = "env://",
-                     timeout_s: float = 120.0, device: torch.device | str | None = None) -> Groups:
+                     timeout_s: float = 120.0, device: torch.device | str | None = None,
+                     agree_on: dict | None = None) -> Groups:
     """Join the world of ``topology.world_size`` ranks as ``rank`` and create every TP group.
 
     ``init_method``: ``"env://"`` (torchrun: MASTER_ADDR/MASTER_PORT from the environment) or
     ``"tcp://host:port"``. ``timeout_s`` applies to every group. For NCCL, ``device`` defaults
     to ``cuda:$LOCAL_RANK`` (or rank modulo the visible GPUs), as does ``device="cuda"`` with
     Gloo (ranks sharing a GPU, which NCCL refuses); it becomes the current device.
+    ``agree_on``: options every rank must share (``EngineConfig.agreement``); compared with
+    rank 0's before any other group is made, a difference raises on every rank, naming it.
     Ends with an all-reduce over every rank: it checks the wiring and makes the first NCCL
     call a collective, as batched P2P on NCCL requires.
     """
@@ -91,17 +95,30 @@ def init_distributed(topology: Topology, rank: int, backend: str = "gloo", init_
     pg_backend = "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
     dist.init_process_group(pg_backend, init_method=init_method, rank=rank, world_size=topology.world_size,
                             timeout=timeout)
+    startup = dist.new_group(list(range(topology.world_size)), backend="gloo",
+                             timeout=timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)))
+    if agree_on is not None:  # before the groups whose shape the options decide
+        _check_agreement(agree_on, rank, topology, startup)
     attn = [dist.new_group(topology.attn_group_ranks(g), timeout=timeout) for g in range(topology.n_a)]
     expert = [dist.new_group(topology.expert_group_ranks(g), timeout=timeout) for g in range(topology.n_e)]
     a2e, e2a = (dist.new_group(topology.leaders, timeout=timeout) for _ in range(2))
-    startup = dist.new_group(list(range(topology.world_size)), backend="gloo",
-                             timeout=timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)))
     check_T = torch.ones(1, device=dev)
     dist.all_reduce(check_T)
     if int(check_T.item()) != topology.world_size:
         raise RuntimeError(f"{topology.describe(rank)}: world all-reduce gave {check_T.item()}, "
                            f"expected {topology.world_size}")
     return Groups(topology, rank, backend, dev, attn, expert, a2e, e2a, startup)
+
+
+def _check_agreement(options: dict, rank: int, topology: Topology, group: dist.ProcessGroup) -> None:
+    everyone: list[dict] = [{}] * topology.world_size
+    dist.all_gather_object(everyone, options, group=group)
+    for other, theirs in enumerate(everyone):
+        diff = sorted(k for k in options.keys() | theirs.keys() if options.get(k) != theirs.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {everyone[0].get(k)!r} vs {theirs.get(k)!r}" for k in diff[:6])
+            raise ConfigError(f"rank {other} was started with other options than rank 0 (every rank of a "
+                              f"deployment needs the same flags): {shown}")
 
 
 def _device(backend: str, rank: int, device: torch.device | str | None) -> torch.device:

@@ -58,3 +58,30 @@ def test_two_node_torchrun_matches_single_process(tiny_models, tmp_path):
                 p.kill()
     got = [o["token_ids"] for o in json.loads((tmp_path / "out.json").read_text())]
     assert got == ref
+
+
+def test_nodes_started_with_other_flags_fail_naming_them(tiny_models, tmp_path):
+    """Each torchrun node parses its own flags: a rank started with another --max-num-seqs stops
+    every rank at start-up with an error naming the option, before any weight is loaded."""
+    model = tiny_models["qwen3_moe"]
+    master, frontend = _free_port(), _free_port()
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+              "--master-port", str(master), "-m", "afdserve.worker", "--model", model,
+              "--expert-groups", "1", "--frontend-port", str(frontend)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]
+    nodes = [subprocess.Popen(torchrun + ["--node-rank", "0"] + common, env=env, stdout=logs[0], stderr=logs[0]),
+             subprocess.Popen(torchrun + ["--node-rank", "1"] + common + ["--max-num-seqs", "7"], env=env,
+                              stdout=logs[1], stderr=logs[1])]
+    try:
+        codes = [p.wait(timeout=180) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+        for f in logs:
+            f.close()
+    text = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    assert codes[0] != 0 and codes[1] != 0
+    assert "rank 1 was started with other options than rank 0" in text and "scheduler.max_num_seqs" in text
