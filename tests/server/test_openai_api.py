@@ -236,3 +236,16 @@ def test_echo_with_logprobs_scores_the_prompt(client, server_model, stream):
     assert len(plp) == len(prompt) and plp[0] is None
     for entry, t, w in zip(plp[1:], prompt[1:], want[1:]):
         assert entry[str(t)]["logprob"] == pytest.approx(w[t], abs=1e-4) and len(entry) in (2, 3)
+
+
+def test_chat_stream_deltas_carry_only_their_fields(server):
+    """As OpenAI streams them: the role in the first delta, no "role": null afterwards."""
+    import json
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {server.api_key}"}) as r:
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.iter_lines()
+                  if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+    assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:]) and len(deltas) > 1
