@@ -58,6 +58,8 @@ def register(sub) -> None:
                    help="auto: sampling defaults from the model's generation_config.json; vllm: ignore it; "
                         "a folder: its generation_config.json")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--metrics-prefix", default="afdserve",
+                   help="namespace of the /metrics names (vllm: vLLM's names, for its dashboards and routers)")
     add_engine_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -133,7 +135,7 @@ def make_state(engine, cfg: EngineConfig, args: argparse.Namespace, chat_templat
     from afdserve.tokenizer import load_tokenizer
 
     names = args.served_model_name or [args.model or args.model_flag or cfg.model]  # a Hub id as typed
-    metrics = ServerMetrics(names[0])
+    metrics = ServerMetrics(names[0], args.metrics_prefix)
     aengine = AsyncEngine(engine, metrics)
     metrics.watch(lambda: aengine.stats)
     return ServerState(engine=aengine, tokenizer=load_tokenizer(cfg.model), model_names=names,

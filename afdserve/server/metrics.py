@@ -15,6 +15,7 @@ the engine thread as it publishes tokens. Engine metrics are read at scrape time
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -31,9 +32,10 @@ P = "afdserve:"
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, prefix: str = "afdserve"):
+        """``prefix``: the metric names' namespace (``vllm`` serves vLLM's names to its dashboards)."""
         disable_created_metrics()  # no "_created" samples (as vLLM); a process-wide switch
-        self.model_name = model_name
+        self.model_name, self.prefix = model_name, prefix
         self.registry = CollectorRegistry()
         labels, r = ["model_name"], self.registry
         self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token.", labels,
@@ -78,7 +80,11 @@ class ServerMetrics:
         self.on_tokens(0, 0.0, False, "abort", since_arrival_s)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        text = generate_latest(self.registry)
+        if self.prefix + ":" == P:
+            return text
+        return re.sub(rb"^(# (?:HELP|TYPE) )?" + re.escape(P.encode()), rb"\g<1>" + self.prefix.encode() + b":", text,
+                      flags=re.MULTILINE)
 
 
 class _EngineCollector:
