@@ -37,6 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget of one step (default: 2048 on GPU, 512 on CPU)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of full blocks shared by requests' prefixes (default: on, as in vLLM)")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-gb", type=float, default=None,
                    help="KV cache size in GiB (default: what --gpu-memory-utilization leaves on GPU, 1 on CPU)")
@@ -106,6 +108,7 @@ def _flag_kwargs(args: argparse.Namespace) -> dict:
         device=args.device, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
+        enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization, attn_groups=args.attn_groups, attn_tp=args.attn_tp,
         expert_groups=args.expert_groups, expert_tp=args.expert_tp, micro_batches=args.micro_batches,
         layout=args.layout, afd_transport=args.afd_transport, router_skew=args.router_skew,

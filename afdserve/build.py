@@ -69,6 +69,13 @@ def num_kv_blocks(cfg: EngineConfig, kv_heads: int, device: torch.device | str =
     return n
 
 
+def make_scheduler(cfg: EngineConfig, num_blocks: int, micro_batches: int) -> Scheduler:
+    return Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, num_blocks,
+                     cfg.cache.block_size, micro_batches=micro_batches,
+                     skip_prefill=cfg.scheduler.benchmark_skip_prefill,
+                     prefix_caching=cfg.cache.enable_prefix_caching)
+
+
 def load_progress(total: int, desc: str, enabled: bool = True):
     return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, leave=False)
 
@@ -85,8 +92,7 @@ def build_local_engine(cfg: EngineConfig, show_progress: bool = False) -> Engine
     blocks = num_kv_blocks(cfg, mc.num_kv_heads, device)
     kv = allocate_kv_cache(mc.num_layers, blocks, cfg.cache.block_size, mc.num_kv_heads, mc.head_dim,
                            torch_dtype(cfg.dtype), device)
-    sched = Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, blocks,
-                      cfg.cache.block_size, micro_batches=1, skip_prefill=cfg.scheduler.benchmark_skip_prefill)
+    sched = make_scheduler(cfg, blocks, micro_batches=1)
     executor = SerialExecutor(attn, experts, kv)
     if device.type == "cuda" and not cfg.enforce_eager:
         from afdserve.cuda_graphs import GraphedExecutor, capture_sizes

@@ -131,6 +131,9 @@ class CacheConfig:
     num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_gb or gpu_memory_utilization
     kv_cache_memory_gb: float | None = None  # None: from gpu_memory_utilization on GPU, 1 GiB on CPU
     gpu_memory_utilization: float = 0.9  # vLLM's meaning: the fraction of GPU memory this process may use
+    # vLLM's automatic prefix caching (on by default, as in vLLM): full KV blocks of finished or
+    # running requests are reused by requests that start with the same tokens
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -147,6 +147,10 @@ class Request:
     # params.prompt_logprobs: entry i for prompt token i + 1 ({token: logprob} plus the top ones),
     # filled in order as the prefill reaches them
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # prefix caching: hashes of the full blocks of the known tokens (content, not compute state),
+    # and how many of the request's blocks are registered in the cache
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -129,7 +129,8 @@ class Engine:
         """Gauges for /metrics: running/waiting requests, KV usage, preemptions so far."""
         s = self.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "kv_usage": s.blocks.usage,
-                "num_preemptions": s.num_preemptions}
+                "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_queries,
+                "prefix_cache_hits": s.prefix_hits}
 
     def step(self, always_run: bool = False) -> list[Request]:
         """Run one step; returns the requests that got a token (finished ones included). With

@@ -198,7 +198,8 @@ class AFDFrontend:
         each expert group since start; and over the load window, each group's load and the
         balancedness (mean/max group load, averaged over layers)."""
         per = list(self.replica_stats.values())
-        total = {k: sum(s[k] for s in per) for k in ("running", "waiting", "num_preemptions")}
+        total = {k: sum(s.get(k, 0) for s in per)
+                 for k in ("running", "waiting", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits")}
         total["kv_usage"] = sum(s["kv_usage"] for s in per) / max(1, len(self.conns))
         for key in ("dispatch_seconds", "combine_seconds", "bubble_seconds"):
             pairs = [s[key] for s in per if key in s]

@@ -1,9 +1,12 @@
-"""Paged KV cache: a free list of fixed-size blocks and the per-layer cache tensors.
+"""Paged KV cache: fixed-size blocks (reference counted, with prefix caching) and the per-layer
+cache tensors.
 Legend: NB blocks, BS block size, G kv heads (local to the TP rank), Hd head dim."""
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
 
 import torch
 
@@ -13,27 +16,82 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 class BlockAllocator:
-    """Hands out block ids; a request holds ``ceil(tokens / BS)`` of them."""
+    """Hands out block ids; a request holds ``ceil(tokens / BS)`` of them.
 
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
+    Prefix caching (vLLM's automatic prefix caching): a full block whose tokens are known is
+    registered under the hash of its tokens chained with its predecessor's (so a hash names the
+    whole prefix up to that block). Blocks are reference counted; a registered block that no
+    request holds stays cached (evictable, least recently freed first) until its memory is
+    needed. ``num_free`` counts evictable blocks as free."""
+
+    def __init__(self, num_blocks: int, caching: bool = False):
+        self.num_blocks, self.caching = num_blocks, caching
         self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+        self._hash_of: dict[int, bytes] = {}  # registered block -> its prefix hash
+        self._cached: dict[bytes, int] = {}  # prefix hash -> block
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, held by nobody (LRU first)
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     @property
     def usage(self) -> float:
         return 1.0 - self.num_free / self.num_blocks
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} KV blocks, {self.num_free} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.popleft()
+            else:  # reuse the least recently used cached block: forget its contents
+                block, _ = self._evictable.popitem(last=False)
+                del self._cached[self._hash_of.pop(block)]
+            self._refs[block] = 1
+            out.append(block)
+        return out
 
     def free(self, block_ids: list[int]) -> None:
-        self._free.extend(block_ids)
+        for block in block_ids:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """Take a reference on the cached blocks of the longest prefix of ``hashes``."""
+        hit = []
+        for h in hashes:
+            block = self._cached.get(h)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
+            hit.append(block)
+        return hit
+
+    def register(self, block: int, h: bytes) -> None:
+        """A held block now holds the full prefix ``h``; a second block with the same prefix
+        stays private (the first one is the one shared)."""
+        if self.caching and h not in self._cached and block not in self._hash_of:
+            self._cached[h], self._hash_of[block] = block, h
+
+
+def prefix_hashes(token_ids: list[int], block_size: int, parent: bytes = b"", start: int = 0) -> list[bytes]:
+    """Chained hashes of the full blocks of ``token_ids`` from block ``start`` (``parent``: the
+    hash of block ``start - 1``). SHA-256: two prefixes that collide would share wrong KV."""
+    out = []
+    for b in range(start, len(token_ids) // block_size):
+        block = token_ids[b * block_size:(b + 1) * block_size]
+        parent = hashlib.sha256(parent + array("q", block).tobytes()).digest()
+        out.append(parent)
+    return out
 
 
 def kv_bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,

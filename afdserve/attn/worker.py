@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from afdserve.build import load_progress, num_kv_blocks, torch_dtype
+from afdserve.build import load_progress, make_scheduler, num_kv_blocks, torch_dtype
 from afdserve.core import InvalidRequest, Request
 from afdserve.engine import Engine
 from afdserve.expert.eplb import initial_placement
@@ -17,7 +17,6 @@ from afdserve.kv_cache import allocate_kv_cache
 from afdserve.models.loader import open_checkpoint
 from afdserve.models.moe_model import AttentionModel, ExpertModel
 from afdserve.pipeline_executor import AttnPipelineExecutor, ColocatedExecutor
-from afdserve.scheduler import Scheduler
 from afdserve.tokenizer import eos_token_ids, load_tokenizer
 from afdserve.transport.all_to_all import AllToAllExchange
 from afdserve.transport.select import make_transport
@@ -67,9 +66,7 @@ class AttnWorker:
         self.engine, self.conn = None, None
         if self.leader:
             tokenizer = load_tokenizer(cfg.model, required=cfg.load_format != "dummy")
-            sched = Scheduler(cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, blocks,
-                              cfg.cache.block_size, micro_batches=m,
-                              skip_prefill=cfg.scheduler.benchmark_skip_prefill)
+            sched = make_scheduler(cfg, blocks, m)
             self.engine = Engine(self.attn, self.graphs or self.executor, sched, cfg.max_model_len, tokenizer,
                                  eos_token_ids(cfg.model, mc, tokenizer), device=cfg.device,
                                  seed=cfg.seed + self.role.group)

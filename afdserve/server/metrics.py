@@ -99,9 +99,12 @@ class _EngineCollector:
         yield _gauge("num_requests_waiting", "Requests waiting to be scheduled.", name, s.get("waiting", 0))
         yield _gauge("kv_cache_usage_perc", "KV-cache usage, 0 to 1 (mean over attention replicas).", name,
                      s.get("kv_usage", 0.0))
-        c = CounterMetricFamily(P + "num_preemptions", "Preemptions (by recomputation).", labels=["model_name"])
-        c.add_metric([name], s.get("num_preemptions", 0))
-        yield c
+        for metric, doc in (("num_preemptions", "Preemptions (by recomputation)."),
+                            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+                            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.")):
+            c = CounterMetricFamily(P + metric, doc, labels=["model_name"])
+            c.add_metric([name], s.get(metric, 0))
+            yield c
         yield from _afd_metrics(s, name)
 
 

@@ -107,3 +107,22 @@ def test_sampling_params_on_gpu(tiny_models, async_scheduling):
     assert len(first[2].logprobs) == 12
     assert len(outs[2].prompt_logprobs) == 20 and all(len(e) in (2, 3) for e in outs[2].prompt_logprobs[1:])
     assert set(first[4].token_ids) <= {11, 12, 13}  # allowed_token_ids; [5]: an overflowing penalty still samples
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prefix_caching_on_gpu(tiny_models, async_scheduling):
+    """Prompts sharing a prefix, first one by one then all at once (prefill from cached blocks,
+    CUDA-graph decode): the tokens of the engine without caching."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tests.test_prefix_caching import GREEDY, _workload
+
+    prompts = _workload()
+    opts = dict(device="cuda", dtype="float32", async_scheduling=async_scheduling)
+    with LLM(tiny_models["qwen3_moe"], enable_prefix_caching=False, **opts) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+    with LLM(tiny_models["qwen3_moe"], **opts) as llm:
+        first = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
+        again = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+        assert llm.engine.stats()["prefix_cache_hits"] > 0
+    assert first == want and again == want
