@@ -6,6 +6,7 @@ ModelConfig is read from a Hugging Face ``config.json``; the others hold engine 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -287,10 +288,16 @@ class EngineConfig:
 
     def agreement(self) -> dict:
         """What every rank of one deployment must be started with alike (torchrun starts each
-        node with its own flags): all but the model's local path and the device."""
-        fields = dataclasses.asdict(self)
-        del fields["model"], fields["device"]
-        return _flatten(fields)
+        node with its own flags): all but what may differ per node (the model's and the load
+        file's local paths, the device, memory budgets, timeouts); the load file by its contents."""
+        fields = _flatten(dataclasses.asdict(self))
+        for key in ("model", "device", "dist_timeout_s", "cache.gpu_memory_utilization", "cache.kv_cache_memory_gb"):
+            del fields[key]
+        path = fields.pop("eplb.expert_load_file")
+        if path is not None and os.path.isfile(path):
+            with open(path, "rb") as f:
+                fields["eplb.expert_load_file sha256"] = hashlib.sha256(f.read()).hexdigest()
+        return fields
 
     @property
     def max_model_len(self) -> int:

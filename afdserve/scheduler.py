@@ -57,7 +57,7 @@ class Scheduler:
             if not self._grow(req, start + n):
                 self._drop_blocks(req)
                 break
-            if self.blocks.caching:
+            if self.blocks.caching and req.params.prompt_logprobs is None:  # those do not look up
                 self.prefix_queries += req.num_tokens
                 self.prefix_hits += req.num_computed
             req.num_computed = start
@@ -110,7 +110,7 @@ class Scheduler:
         req.num_registered = full
 
     def _drop_blocks(self, req: Request) -> None:
-        self.blocks.free(req.block_ids)
+        self.blocks.free(req.block_ids[::-1])  # last block first: evicted first, the prefix stays findable
         req.block_ids, req.num_computed, req.num_registered = [], 0, 0
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
@@ -135,7 +135,7 @@ class Scheduler:
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
         if self.blocks.caching and req in self.running:
             self._register(req)  # its last full blocks too
-        self.blocks.free(req.block_ids)
+        self.blocks.free(req.block_ids[::-1])
         req.block_ids = []
         if req in self.running:
             self.running.remove(req)

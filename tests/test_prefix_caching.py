@@ -98,3 +98,17 @@ def test_layouts_cache_prefixes_on_each_replica(model, options):
         again = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
         hits = llm.engine.stats()["prefix_cache_hits"]
     assert first == want and again == want and hits > 0
+
+
+def test_eviction_takes_a_prefix_from_its_end(model):
+    """A finished request's blocks are freed last block first, so when memory runs short the
+    tail of a cached prefix goes before its head, and the head is still found."""
+    a = list(range(100, 165))  # 65 tokens: 4 full blocks cached when it finishes
+    b = list(range(200, 240))  # 40 tokens, unrelated: needs 3 blocks, 2 free plus one evicted
+    one = SamplingParams(temperature=0, max_tokens=1)
+    with LLM(model, num_kv_blocks=6, max_model_len=96) as llm:
+        llm.generate([a], one)
+        llm.generate([b], one)
+        before = llm.engine.stats()["prefix_cache_hits"]
+        llm.generate([a], one)
+        assert llm.engine.stats()["prefix_cache_hits"] - before == 48  # blocks 0-2; block 3 was evicted

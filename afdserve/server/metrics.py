@@ -5,7 +5,7 @@ the engine thread as it publishes tokens. Engine metrics are read at scrape time
 ``stats()`` the engine returned; the keys this module understands (``ENGINE_STATS_KEYS``):
 
 - ``running``, ``waiting``: requests (summed over attention replicas); ``kv_usage``: 0..1;
-  ``num_preemptions``: cumulative.
+  ``num_preemptions``, ``prefix_cache_queries``, ``prefix_cache_hits`` (tokens): cumulative.
 - AFD, optional (metrics appear once the engine reports them), cumulative since start, summed
   over attention replicas: ``expert_group_tokens``: list[int], tokens dispatched to each expert
   group; ``dispatch_seconds``, ``combine_seconds``: (total seconds, number of transfers) of A2E
@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
-ENGINE_STATS_KEYS = ("running", "waiting", "kv_usage", "num_preemptions", "expert_group_tokens",
+ENGINE_STATS_KEYS = ("running", "waiting", "kv_usage", "num_preemptions", "prefix_cache_queries",
+                     "prefix_cache_hits", "expert_group_tokens",
                      "dispatch_seconds", "combine_seconds", "bubble_seconds", "expert_group_load",
                      "expert_balancedness", "placement_version")
 LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -100,8 +101,8 @@ class _EngineCollector:
         yield _gauge("kv_cache_usage_perc", "KV-cache usage, 0 to 1 (mean over attention replicas).", name,
                      s.get("kv_usage", 0.0))
         for metric, doc in (("num_preemptions", "Preemptions (by recomputation)."),
-                            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
-                            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.")):
+                            ("prefix_cache_queries", "Tokens of admitted requests looked up in the prefix cache."),
+                            ("prefix_cache_hits", "Tokens found in the prefix cache.")):
             c = CounterMetricFamily(P + metric, doc, labels=["model_name"])
             c.add_metric([name], s.get(metric, 0))
             yield c

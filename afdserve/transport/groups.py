@@ -113,8 +113,9 @@ def init_distributed(topology: Topology, rank: int, backend: str = "gloo", init_
 def _check_agreement(options: dict, rank: int, topology: Topology, group: dist.ProcessGroup) -> None:
     everyone: list[dict] = [{}] * topology.world_size
     dist.all_gather_object(everyone, options, group=group)
+    first = everyone[0]  # every rank compares everyone with rank 0: all report the same ranks
     for other, theirs in enumerate(everyone):
-        diff = sorted(k for k in options.keys() | theirs.keys() if options.get(k) != theirs.get(k))
+        diff = sorted(k for k in first.keys() | theirs.keys() if first.get(k) != theirs.get(k))
         if diff:
             shown = "; ".join(f"{k}: {everyone[0].get(k)!r} vs {theirs.get(k)!r}" for k in diff[:6])
             raise ConfigError(f"rank {other} was started with other options than rank 0 (every rank of a "
