@@ -147,6 +147,7 @@ class Request:
     # params.prompt_logprobs: entry i for prompt token i + 1 ({token: logprob} plus the top ones),
     # filled in order as the prefill reaches them
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprob_ranks: list[int] = field(default_factory=list)  # each prompt token's rank (1: most likely)
     # prefix caching: hashes of the full blocks of the known tokens (content, not compute state),
     # and how many of the request's blocks are registered in the cache
     block_hashes: list[bytes] = field(default_factory=list)

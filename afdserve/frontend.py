@@ -230,7 +230,7 @@ class AFDFrontend:
             if req is None:
                 continue  # aborted meanwhile
             if prompt_lps is not None:
-                req.prompt_logprobs = prompt_lps
+                req.prompt_logprobs, req.prompt_logprob_ranks = prompt_lps
             req.output_token_ids.append(token)
             self._outstanding[self.group_of[rid]] -= 1
             if lp is not None:

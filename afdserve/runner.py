@@ -102,7 +102,7 @@ PROMPT_LOGPROB_ROWS = 256  # rows of [rows, V] float32 logits at a time (152k vo
 
 def fill_prompt_logprobs(attn: AttentionModel, inputs: list[MicroBatchInput], hidden: list[torch.Tensor]) -> None:
     """Requests that ask for prompt logprobs get those of the prompt tokens this step computed
-    (the logprob of each next prompt token under the model, plus the top ``prompt_logprobs``),
+    (the logprob of each next prompt token under the model and its rank, plus the top ``prompt_logprobs``),
     in prompt order; a recomputation after preemption adds nothing twice. Reads them on the host."""
     rows = [(h_TD[row], req, p) for inp, h_TD in zip(inputs, hidden) for row, req, p in inp.prompt_lp_rows]
     for at in range(0, len(rows), PROMPT_LOGPROB_ROWS):
@@ -110,10 +110,12 @@ def fill_prompt_logprobs(attn: AttentionModel, inputs: list[MicroBatchInput], hi
         lp_RV = torch.log_softmax(attn.logits(torch.stack([h for h, _, _ in part])), dim=-1)
         want_R1 = to_device([req.prompt_token_ids[p + 1] for _, req, p in part], torch.int64, lp_RV.device)[:, None]
         top_lp, top_ids = lp_RV.topk(max(1, max(req.params.prompt_logprobs for _, req, _ in part)), dim=-1)
-        token_lp = lp_RV.gather(1, want_R1)[:, 0].tolist()
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        token_lp_R1 = lp_RV.gather(1, want_R1)
+        rank = ((lp_RV > token_lp_R1).sum(dim=-1) + 1).tolist()
+        token_lp, top_lp, top_ids = token_lp_R1[:, 0].tolist(), top_lp.tolist(), top_ids.tolist()
         for r, (_, req, p) in enumerate(part):
             if len(req.prompt_logprobs) == p:
                 k = req.params.prompt_logprobs
                 entry = {req.prompt_token_ids[p + 1]: token_lp[r]}
                 req.prompt_logprobs.append(entry | {t: v for t, v in zip(top_ids[r][:k], top_lp[r][:k])})
+                req.prompt_logprob_ranks.append(rank[r])

@@ -184,7 +184,8 @@ def _update(req: Request) -> tuple:
     kept = min(req.text_sent, len(text))
     req.text_sent = len(text)
     # prompt logprobs are complete once the first token is sampled: sent with it, once
-    prompt_lps = req.prompt_logprobs if len(req.output_token_ids) == 1 and req.params.prompt_logprobs is not None \
-        else None
+    prompt_lps = None
+    if len(req.output_token_ids) == 1 and req.params.prompt_logprobs is not None:
+        prompt_lps = (req.prompt_logprobs, req.prompt_logprob_ranks)
     return (req.request_id, req.output_token_ids[-1], lp, kept, text[kept:], req.finish_reason, req.stop_reason,
             req.queue_s, prompt_lps)

@@ -49,6 +49,7 @@ class Update:
     stop_reason: int | str | None = None
     error: BaseException | None = None
     prompt_logprobs: list[dict[int, float]] | None = None  # with the first token, when asked for
+    prompt_logprob_ranks: list[int] | None = None
 
 
 class RequestGroup:
@@ -214,9 +215,10 @@ class AsyncEngine:
                                        req.queue_s)
             first = live.last is None
             live.sent, live.last = len(req.output_token_ids), now
-            prompt_lps = req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None
+            asked = first and req.params.prompt_logprobs is not None
             out.append((live.group, Update(live.index, new, lps, req.output_text, req.finish_reason,
-                                           req.stop_reason, err, prompt_lps)))
+                                           req.stop_reason, err, req.prompt_logprobs if asked else None,
+                                           req.prompt_logprob_ranks if asked else None)))
             if req.finished:
                 self.live.pop(req.request_id)
         self._deliver(out)

@@ -33,11 +33,12 @@ class Choice:
     stop_reason: int | str | None = None
     final_text: str = ""
     prompt_logprobs: list[dict[int, float]] | None = None  # prompt tokens 1.. (asked for)
+    prompt_logprob_ranks: list[int] | None = None
 
     def advance(self, upd: Update) -> str:
         """Take an update; return the new visible text (possibly empty)."""
         if upd.prompt_logprobs is not None:
-            self.prompt_logprobs = upd.prompt_logprobs
+            self.prompt_logprobs, self.prompt_logprob_ranks = upd.prompt_logprobs, upd.prompt_logprob_ranks
         self.token_ids += upd.token_ids
         self.logprobs += upd.logprobs
         done = upd.finish_reason is not None
@@ -99,14 +100,14 @@ def _top(lp: dict[int, float], n: int) -> list[tuple[int, float]]:
 
 
 def prompt_logprobs_entries(text_of: TokenText, prompt_ids: list[int], lps: list[dict[int, float]],
-                            top_n: int) -> list[dict[str, dict] | None]:
+                            ranks: list[int], top_n: int) -> list[dict[str, dict] | None]:
     """vLLM's ``prompt_logprobs`` of a completion choice: None for the first token, then per
     token {token id: {"logprob", "rank", "decoded_token"}} for the token and the ``top_n`` most
-    likely (rank: 1 for the most likely; the token's own rank is null when it is not among them)."""
+    likely (rank 1: the most likely)."""
     out: list[dict[str, dict] | None] = [None]
-    for t, lp in zip(prompt_ids[1:], lps):
+    for t, lp, token_rank in zip(prompt_ids[1:], lps, ranks):
         top = _top(lp, top_n)
-        rank = {k: i + 1 for i, (k, _) in enumerate(top)}
+        rank = {k: i + 1 for i, (k, _) in enumerate(top)} | {t: token_rank}
         out.append({str(k): {"logprob": max(v, MIN_LOGPROB), "rank": rank.get(k), "decoded_token": text_of(k)}
                     for k, v in [(t, lp[t]), *top]})
     return out

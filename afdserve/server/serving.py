@@ -83,7 +83,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
         if body.prompt_logprobs is None or not first:
             return None
         return prompt_logprobs_entries(text_of, prompts[c.prompt_index][0], c.prompt_logprobs or [],
-                                       body.prompt_logprobs)
+                                       c.prompt_logprob_ranks or [], body.prompt_logprobs)
 
     def chunk(c: Choice, delta: str, new_ids: list[int], new_lps) -> CompletionChoice:
         first = len(c.token_ids) == len(new_ids)

@@ -236,6 +236,9 @@ def test_echo_with_logprobs_scores_the_prompt(client, server_model, stream):
     assert len(plp) == len(prompt) and plp[0] is None
     for entry, t, w in zip(plp[1:], prompt[1:], want[1:]):
         assert entry[str(t)]["logprob"] == pytest.approx(w[t], abs=1e-4) and len(entry) in (2, 3)
+        # ranks: 1 and 2 for the top two; the prompt token's own also when it is not among them
+        ranks, own = sorted(e["rank"] for e in entry.values()), entry[str(t)]["rank"]
+        assert ranks[:2] == [1, 2] and (len(entry) == 2 or own == ranks[2] > 2)
 
 
 def test_chat_stream_deltas_carry_only_their_fields(server):
