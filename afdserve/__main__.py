@@ -32,6 +32,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: the checkpoint's bfloat16/float16 on GPU (float16 for float32 checkpoints), "
                         "float32 on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--benchmark-skip-prefill", action="store_true",
+                   help="benchmarks only: start decoding at once without computing the prompt's KV "
+                        "(decode steps at a given context; the outputs are meaningless)")
+    _add_batch_and_cache_args(p)
+    _add_parallel_args(p)
+    _add_run_args(p)
+    _add_eplb_args(p)
+
+
+def _add_batch_and_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: 256 on GPU, 64 on CPU")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -44,6 +54,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size in GiB (default: what --gpu-memory-utilization leaves on GPU, 1 on CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of each GPU's memory a process may use (weights, KV cache, activations)")
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", default=None, choices=["single", "afd", "colocated"],
+                   help="single: one process; afd: attention and experts in separate processes; colocated: "
+                        "one process per attention replica, each also holding 1/n of the experts (expert "
+                        "parallel, tokens exchanged per layer) (default: afd when any parallel size is above 1)")
     p.add_argument("--attn-groups", "--data-parallel-size", "-dp", type=int, default=1, dest="attn_groups",
                    help="attention replicas (data parallel); with --layout colocated, the number of processes")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
@@ -61,6 +78,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="attention<->expert transport: ipc writes rows straight into the peer's memory (one "
                         "node; CUDA IPC on GPU, shared memory on CPU), p2p uses torch.distributed send/recv "
                         "(NCCL/Gloo, any nodes); auto: ipc when every group leader is on one host with CUDA")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """How steps run: weights, CUDA graphs, scheduling mode, timeouts."""
     p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                    help="dummy: random weights at the checkpoint's shapes (benchmarks, no download)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
@@ -74,6 +95,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="seconds before a collective or transfer with a silent peer fails (every process group)")
     p.add_argument("--router-skew", type=float, default=0.0,
                    help="Zipf exponent of a router bias skewing expert popularity (tests/benchmarks)")
+
+
+def _add_eplb_args(p: argparse.ArgumentParser) -> None:
+    """Expert load balancing (vLLM's flag names)."""
     p.add_argument("--enable-eplb", action="store_true", help="re-place experts by their live load")
     p.add_argument("--num-redundant-experts", type=int, default=0, help="extra expert slots for hot-expert copies")
     p.add_argument("--eplb-window-size", type=int, default=64, help="steps of expert-load statistics kept")
@@ -81,13 +106,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eplb-threshold", type=float, default=0.9,
                    help="re-place when balancedness (mean/max group load) falls below this")
     p.add_argument("--expert-load-file", default=None, help="saved expert loads [L, E] for a static placement")
-    p.add_argument("--benchmark-skip-prefill", action="store_true",
-                   help="benchmarks only: start decoding at once without computing the prompt's KV "
-                        "(decode steps at a given context; the outputs are meaningless)")
-    p.add_argument("--layout", default=None, choices=["single", "afd", "colocated"],
-                   help="single: one process; afd: attention and experts in separate processes; colocated: "
-                        "one process per attention replica, each also holding 1/n of the experts (expert "
-                        "parallel, tokens exchanged per layer) (default: afd when any parallel size is above 1)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

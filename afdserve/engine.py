@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from afdserve.core import InvalidRequest, Request, SamplingParams
-from afdserve.kv_cache import blocks_needed
 from afdserve.layers.basic import to_device
 from afdserve.output import append_token
 from afdserve.runner import Executor, MicroBatchInput, fill_prompt_logprobs, prepare, sample_logits
@@ -24,8 +23,10 @@ from afdserve.sampler import DeviceSample, PenaltyTable, sample, sample_on_devic
 from afdserve.scheduler import Scheduler
 
 
-def validate_request(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
-    """Checks that need the model's limits; SamplingParams checked its own fields."""
+def validate_request(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> int:
+    """Checks that need the model's limits (SamplingParams checked its own fields); returns the
+    request's token limit, prompt plus output (its KV always fits: the cache holds at least one
+    sequence of max_model_len, checked at start)."""
     if not ids:
         raise InvalidRequest("the prompt must contain at least one token", param="prompt")
     bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -46,6 +47,7 @@ def validate_request(ids: list[int], params: SamplingParams, vocab_size: int, ma
     if bad:
         raise InvalidRequest(f"allowed_token_ids: token id {bad[0]} is out of the vocabulary (0..{vocab_size - 1})",
                              param="allowed_token_ids")
+    return max_model_len if params.max_tokens is None else min(max_model_len, len(ids) + params.max_tokens)
 
 
 @dataclass
@@ -100,14 +102,7 @@ class Engine:
         """Validate and queue a request; raises InvalidRequest (nothing is queued) on bad input."""
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
-        validate_request(prompt_token_ids, params, self.vocab_size, self.max_model_len)
-        total = self.max_model_len
-        if params.max_tokens is not None:
-            total = min(total, len(prompt_token_ids) + params.max_tokens)
-        if blocks_needed(total, self.scheduler.block_size) > self.scheduler.blocks.num_blocks:
-            raise InvalidRequest(f"the request needs up to {total} tokens of KV cache, more than the whole "
-                                 f"cache holds ({self.scheduler.blocks.num_blocks * self.scheduler.block_size} "
-                                 f"tokens); lower max_tokens or the prompt length", param="max_tokens")
+        total = validate_request(prompt_token_ids, params, self.vocab_size, self.max_model_len)
         req = Request(request_id, list(prompt_token_ids), params, arrival_time=arrival_time,
                       max_total_tokens=total, prompt=prompt)
         if params.seed is not None:

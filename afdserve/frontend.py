@@ -17,7 +17,6 @@ from afdserve.config import ConfigError, EngineConfig
 from afdserve.core import InvalidRequest, Request, RequestStatus, SamplingParams
 from afdserve.engine import validate_request
 from afdserve.expert.eplb import LoadWindow, initial_placement, placement_for_loads, placement_group_loads
-from afdserve.kv_cache import blocks_needed
 from afdserve.launcher import Launcher
 from afdserve.tokenizer import load_tokenizer
 from afdserve.transport.groups import STARTUP_TIMEOUT_S
@@ -103,16 +102,8 @@ class AFDFrontend:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float = 0.0) -> Request:
-        validate_request(prompt_token_ids, params, self.cfg.model_config.vocab_size, self.max_model_len)
+        total = validate_request(prompt_token_ids, params, self.cfg.model_config.vocab_size, self.max_model_len)
         group = min(self.conns, key=lambda g: (self.outstanding_tokens(g), g))
-        total = self.max_model_len
-        if params.max_tokens is not None:
-            total = min(total, len(prompt_token_ids) + params.max_tokens)
-        info = self.info[group]
-        if blocks_needed(total, info["block_size"]) > info["num_blocks"]:
-            raise InvalidRequest(f"the request needs up to {total} tokens of KV cache, more than the whole "
-                                 f"cache holds ({info['num_blocks'] * info['block_size']} tokens)",
-                                 param="max_tokens")
         req = Request(request_id, list(prompt_token_ids), params, arrival_time=arrival_time,
                       max_total_tokens=total, prompt=prompt, status=RequestStatus.RUNNING)
         self.requests[request_id], self.group_of[request_id] = req, group

@@ -83,14 +83,13 @@ class BlockAllocator:
             self._cached[h], self._hash_of[block] = block, h
 
 
-def prefix_hashes(token_ids: list[int], block_size: int, parent: bytes = b"", start: int = 0) -> list[bytes]:
-    """Chained hashes of the full blocks of ``token_ids`` from block ``start`` (``parent``: the
-    hash of block ``start - 1``). SHA-256: two prefixes that collide would share wrong KV."""
-    out = []
-    for b in range(start, len(token_ids) // block_size):
+def prefix_hashes(token_ids: list[int], block_size: int, done: list[bytes] = ()) -> list[bytes]:
+    """Chained hashes of the full blocks of ``token_ids``; ``done``: the first ones, already
+    computed (kept). SHA-256: two prefixes that collide would share wrong KV."""
+    out = list(done)
+    for b in range(len(out), len(token_ids) // block_size):
         block = token_ids[b * block_size:(b + 1) * block_size]
-        parent = hashlib.sha256(parent + array("q", block).tobytes()).digest()
-        out.append(parent)
+        out.append(hashlib.sha256((out[-1] if out else b"") + array("q", block).tobytes()).digest())
     return out
 
 

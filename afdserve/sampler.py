@@ -139,8 +139,10 @@ _F32_MAX = torch.finfo(torch.float32).max
 
 def finite(x: torch.Tensor) -> torch.Tensor:
     """In place: +inf (a logit divided by a tiny penalty or temperature) becomes the largest
-    float32, NaN becomes -inf (never chosen), so sampling never sees a non-finite distribution."""
-    return x.nan_to_num_(nan=float("-inf"), posinf=_F32_MAX, neginf=float("-inf"))
+    float32, NaN and -inf the lowest (chosen only from a row with nothing else), so every row
+    keeps a finite maximum and sampling never sees a non-finite distribution. Masks applied
+    afterwards (allowed tokens, top-k) still use -inf."""
+    return x.nan_to_num_(nan=-_F32_MAX, posinf=_F32_MAX, neginf=-_F32_MAX)
 
 
 def _mark(dst_RV: torch.Tensor, pairs: list[tuple[int, int]], count: bool) -> None:
@@ -233,9 +235,4 @@ def probs_batch(logits_RV: torch.Tensor, params: list[SamplingParams]) -> torch.
         top_p_R1 = column([p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32)
         drop_RV = sorted_RV.cumsum(dim=-1) - sorted_RV > top_p_R1
         probs_RV = probs_RV.scatter(1, idx_RV, sorted_RV.masked_fill(drop_RV, 0.0))
-    total_R1 = probs_RV.sum(dim=-1, keepdim=True)
-    # a row whose logits were all NaN (no finite value left) takes token 0, like argmax
-    empty_R1 = ~(total_R1 > 0)
-    first_V = torch.zeros(v, dtype=probs_RV.dtype, device=probs_RV.device)
-    first_V[0] = 1.0
-    return torch.where(empty_R1, first_V, probs_RV / torch.where(empty_R1, 1.0, total_R1))
+    return probs_RV / probs_RV.sum(dim=-1, keepdim=True)

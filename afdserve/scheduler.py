@@ -89,10 +89,7 @@ class Scheduler:
             return
         known = req.all_token_ids
         full = min(len(known), req.num_tokens - 1) // self.block_size
-        if len(req.block_hashes) < full:
-            parent = req.block_hashes[-1] if req.block_hashes else b""
-            req.block_hashes += prefix_hashes(known[:full * self.block_size], self.block_size, parent,
-                                              len(req.block_hashes))
+        req.block_hashes = prefix_hashes(known[:full * self.block_size], self.block_size, req.block_hashes)
         hit = self.blocks.lookup(req.block_hashes[:full])
         req.block_ids, req.num_computed, req.num_registered = hit, len(hit) * self.block_size, len(hit)
 
@@ -102,9 +99,8 @@ class Scheduler:
         if full <= req.num_registered:
             return
         if len(req.block_hashes) < full:
-            parent = req.block_hashes[-1] if req.block_hashes else b""
-            req.block_hashes += prefix_hashes(req.all_token_ids[:full * self.block_size], self.block_size, parent,
-                                              len(req.block_hashes))
+            req.block_hashes = prefix_hashes(req.all_token_ids[:full * self.block_size], self.block_size,
+                                             req.block_hashes)
         for b in range(req.num_registered, full):
             self.blocks.register(req.block_ids[b], req.block_hashes[b])
         req.num_registered = full

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from afdserve.kernels.attention import decode_attention  # noqa: E402
 from afdserve.kernels.experts import GROUPED_MM_MIN_ROWS_PER_EXPERT, fused_experts  # noqa: E402
 from afdserve.layers.attention import AttnMeta, add_device_fields  # noqa: E402
-from benchmarks.gpu_timing import both_ms, eager_ms  # noqa: E402
+from benchmarks.gpu_timing import both_ms, eager_ms, parse_run_args  # noqa: E402
 
 # name: (D, I, E, K, query heads, kv heads, head dim)
 MODELS = {"Mixtral-8x7B": (4096, 14336, 8, 2, 32, 8, 128), "Qwen3-30B-A3B": (2048, 768, 128, 8, 32, 4, 128)}
@@ -54,15 +54,26 @@ def roofline(flops: float, nbytes: float, ms: float, ceil: dict) -> dict:
             "frac_of_ceiling": frac, "meets_goal": frac >= GOALS[bound]}
 
 
+def expert_weights(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random bf16 expert weights at the model's shape: w13 [E, 2I, D], w2 [E, D, I]."""
+    d, i, e, _ = MODELS[name][:4]
+    return (torch.randn(e, 2 * i, d, device="cuda", dtype=torch.bfloat16) * 0.02,
+            torch.randn(e, d, i, device="cuda", dtype=torch.bfloat16) * 0.02)
+
+
+def expert_inputs(name: str, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``t`` random tokens [T, D], a uniformly random routing [T, K] and its weights [T, K]."""
+    d, _, e, k = MODELS[name][:4]
+    return (torch.randn(t, d, device="cuda", dtype=torch.bfloat16),
+            torch.rand(t, e, device="cuda").topk(k, dim=-1).indices, torch.rand(t, k, device="cuda"))
+
+
 def expert_sweep(name: str, ceil: dict) -> list[dict]:
     d, i, e, k = MODELS[name][:4]
-    w13_EFD = torch.randn(e, 2 * i, d, device="cuda", dtype=torch.bfloat16) * 0.02
-    w2_EDI = torch.randn(e, d, i, device="cuda", dtype=torch.bfloat16) * 0.02
+    w13_EFD, w2_EDI = expert_weights(name)
     rows = []
     for t in TOKENS:
-        x_TD = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)
-        ids_TK = torch.rand(t, e, device="cuda").topk(k, dim=-1).indices
-        w_TK = torch.rand(t, k, device="cuda")
+        x_TD, ids_TK, w_TK = expert_inputs(name, t)
         active = int(ids_TK.unique().numel())
         flops = 2 * t * k * 3 * d * i
         nbytes = active * 3 * d * i * 2 + 2 * t * d * 2  # active experts' weights, x in, y out
@@ -187,12 +198,8 @@ def table(ceil: dict, experts: list[dict], attn: list[dict], fitted: dict) -> st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--commit", default="unknown")
     ap.add_argument("--context", type=int, default=2048, help="context of the T_a fit written to the profile")
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(0)
+    args = parse_run_args(ap)
     device = torch.cuda.get_device_name()
     ceil = ceilings()
     experts = [r for name in MODELS for r in expert_sweep(name, ceil)]

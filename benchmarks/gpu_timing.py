@@ -4,10 +4,23 @@ event-timed runs from ``triton.testing.do_bench``, which flushes L2 between runs
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Callable
 
 import torch
 from triton.testing import do_bench
+
+
+def parse_run_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """The flags every GPU benchmark takes (``--out`` folder, created; ``--commit``) beside the
+    caller's own; seeds torch for repeatable random inputs."""
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--commit", default="unknown")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    return args
 
 
 def eager_ms(fn: Callable[[], object]) -> float:

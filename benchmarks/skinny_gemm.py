@@ -22,7 +22,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from afdserve.kernels.moe_gemm import moe_gemm  # noqa: E402
-from benchmarks.gpu_timing import graph_ms  # noqa: E402
+from benchmarks.gpu_timing import graph_ms, parse_run_args  # noqa: E402
 from benchmarks.small_batches import copy_ms  # noqa: E402
 
 # name: (N, K)
@@ -34,12 +34,7 @@ TILES = [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, STAGES=s, num_warps=4)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--commit", default="unknown")
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(0)
+    args = parse_run_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     rows = []
     print(f"{'shape':<14} {'M':>4} {'MB':>7} {'cuBLAS us':>10} {'triton us':>10} {'floor us':>9}  best tile")
     for name, (n, k) in SHAPES.items():

@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from afdserve.kernels.dispatch import dispatch_rows  # noqa: E402
 from afdserve.kernels.experts import combine, fused_experts  # noqa: E402
 from afdserve.kernels.moe_gemm import moe_gemm  # noqa: E402
-from benchmarks.gpu_kernels import MODELS, ceilings, decode_cases  # noqa: E402
-from benchmarks.gpu_timing import graph_ms  # noqa: E402
+from benchmarks.gpu_kernels import MODELS, ceilings, decode_cases, expert_inputs, expert_weights  # noqa: E402
+from benchmarks.gpu_timing import graph_ms, parse_run_args  # noqa: E402
 
 BATCHES, CONTEXTS = [1, 2, 4, 8, 16, 32, 64], [2048, 4096, 8192]
 TOKENS = [1, 2, 4, 8, 16, 32]
@@ -58,13 +58,10 @@ def attention_rows(name: str, copy_gbps: float) -> list[dict]:
 
 def expert_rows(name: str, copy_gbps: float) -> list[dict]:
     d, i, e, k = MODELS[name][:4]
-    w13_EFD = torch.randn(e, 2 * i, d, device="cuda", dtype=torch.bfloat16) * 0.02
-    w2_EDI = torch.randn(e, d, i, device="cuda", dtype=torch.bfloat16) * 0.02
+    w13_EFD, w2_EDI = expert_weights(name)
     rows = []
     for t in TOKENS:
-        x_TD = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)
-        ids_TK = torch.rand(t, e, device="cuda").topk(k, dim=-1).indices
-        w_TK = torch.rand(t, k, device="cuda")
+        x_TD, ids_TK, w_TK = expert_inputs(name, t)
         active = int(ids_TK.unique().numel())
         disp = dispatch_rows(ids_TK, e)
         act = moe_gemm(x_TD, disp.src_N, w13_EFD, disp.counts_E, gated=True)
@@ -107,12 +104,7 @@ def table(copy_gbps: float, attn: list[dict], experts: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--commit", default="unknown")
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(0)
+    args = parse_run_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     copy_gbps = ceilings()["copy_gbps"]
     launch_ms = copy_ms(4)  # one element: the fixed cost of one kernel in a graph, timed this way
     attn = [r for name in MODELS for r in attention_rows(name, copy_gbps)]

@@ -13,12 +13,10 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from afdserve.kernels.dispatch import dispatch_rows  # noqa: E402
 from afdserve.kernels.moe_gemm import _config, moe_gemm  # noqa: E402
-from benchmarks.gpu_kernels import MODELS  # noqa: E402
+from benchmarks.gpu_kernels import MODELS, expert_inputs, expert_weights  # noqa: E402
 from benchmarks.gpu_timing import graph_ms  # noqa: E402
 
 TOKENS = [1, 4, 16, 64, 256, 512, 1024, 2048, 4096]
@@ -44,12 +42,11 @@ def safe_ms(fn) -> float:
 
 def tune(name: str, tokens: list[int]) -> list[dict]:
     d, i, e, k = MODELS[name][:4]
-    w13_EFD = torch.randn(e, 2 * i, d, device="cuda", dtype=torch.bfloat16) * 0.02
-    w2_EDI = torch.randn(e, d, i, device="cuda", dtype=torch.bfloat16) * 0.02
+    w13_EFD, w2_EDI = expert_weights(name)
     rows = []
     for t in tokens:
-        x_TD = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)
-        disp = dispatch_rows(torch.rand(t, e, device="cuda").topk(k, dim=-1).indices, e)
+        x_TD, ids_TK, _ = expert_inputs(name, t)
+        disp = dispatch_rows(ids_TK, e)
         act_NI = moe_gemm(x_TD, disp.src_N, w13_EFD, disp.counts_E, gated=True)
         gemms = {"w13": lambda cfg: moe_gemm(x_TD, disp.src_N, w13_EFD, disp.counts_E, True, cfg),  # noqa: B023
                  "w2": lambda cfg: moe_gemm(act_NI, None, w2_EDI, disp.counts_E, False, cfg)}  # noqa: B023

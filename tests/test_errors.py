@@ -91,7 +91,7 @@ def test_max_model_len_above_model_limit(model):
         LLM(model, max_model_len=10**6)
 
 
-def test_request_larger_than_kv_pool_is_rejected(model):
+def test_kv_pool_below_one_sequence_fails_at_start(model):
     """A cache that cannot hold one sequence of max_model_len fails at start (vLLM's rule), so
     every request fits: generation stops at the context limit."""
     with pytest.raises(ConfigError, match="cannot hold one sequence"):

@@ -75,10 +75,10 @@ class TokenText:
 
 
 def completion_logprobs(text_of: TokenText, token_ids: list[int], lps: list[dict[int, float] | None],
-                        offset: int, top_n: int | None = None) -> CompletionLogProbs:
-    """Completions shape: token strings, their logprobs, the top ones, offsets into the text.
-    ``top_n``: keep the ``top_n`` most likely of each entry plus the token itself (else all). An
-    entry None (the first prompt token of an echo) gives nulls."""
+                        offset: int, top_n: int) -> CompletionLogProbs:
+    """Completions shape: token strings, their logprobs, the ``top_n`` most likely of each entry
+    plus the token itself, offsets into the text. An entry None (the first prompt token of an
+    echo) gives nulls."""
     out = CompletionLogProbs()
     for t, lp in zip(token_ids, lps):
         s = text_of(t)
@@ -90,8 +90,7 @@ def completion_logprobs(text_of: TokenText, token_ids: list[int], lps: list[dict
             out.top_logprobs.append(None)
             continue
         out.token_logprobs.append(max(lp.get(t, MIN_LOGPROB), MIN_LOGPROB))
-        entries = list(lp.items()) if top_n is None else _top(lp, top_n) + [(t, lp[t])]
-        out.top_logprobs.append({text_of(k): max(v, MIN_LOGPROB) for k, v in entries})
+        out.top_logprobs.append({text_of(k): max(v, MIN_LOGPROB) for k, v in _top(lp, top_n) + [(t, lp[t])]})
     return out
 
 
