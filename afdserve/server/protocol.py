@@ -77,13 +77,15 @@ class SamplingFields(OpenAIBase):
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise InvalidRequest("allowed_token_ids must not be empty", "allowed_token_ids")
 
-    def truncate(self, ids: list[int], max_model_len: int) -> list[int]:
-        """vLLM's truncate_prompt_tokens: keep the last k prompt tokens (-1: max_model_len)."""
+    def truncate(self, prompt: tuple[list[int], str | None], max_model_len: int) -> tuple[list[int], str | None]:
+        """vLLM's truncate_prompt_tokens: keep the last k of a (token ids, text) prompt's tokens
+        (-1: max_model_len); a cut prompt keeps no text."""
+        ids, text = prompt
         k = self.truncate_prompt_tokens
-        if k is None:
-            return ids
         k = max_model_len if k == -1 else k
-        return ids[-k:] if k else []
+        if k is None or len(ids) <= k:
+            return ids, text
+        return ids[len(ids) - k:], None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: dict,
                         prompt_logprobs: int | None = None) -> SamplingParams:

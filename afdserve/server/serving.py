@@ -61,8 +61,7 @@ class SSEResponse(StreamingResponse):
 async def create_completion(state: ServerState, body: CompletionRequest, raw: Request) -> Response:
     model = state.check_model(body.model)
     body.check()
-    prompts = [(body.truncate(ids, state.max_model_len), None if body.truncate_prompt_tokens is not None else text)
-               for ids, text in completion_prompts(state.tokenizer, body.prompt)]
+    prompts = [body.truncate(p, state.max_model_len) for p in completion_prompts(state.tokenizer, body.prompt)]
     max_tokens = resolve_max_tokens(state, prompts, body.max_tokens, "max_tokens", "prompt")
     params = to_params(body, max_tokens, body.logprobs, state.defaults, {}, body.wanted_prompt_logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -113,8 +112,7 @@ async def create_chat(state: ServerState, body: ChatCompletionRequest, raw: Requ
     kwargs = (body.chat_template_kwargs or {}) | ({"tools": body.tools} if body.tools else {})
     text = state.render_chat(body.messages, body.add_generation_prompt, body.continue_final_message, kwargs,
                              body.chat_template)
-    ids = state.tokenizer.encode(text, add_special_tokens=False)
-    prompts = [(body.truncate(ids, state.max_model_len), text if body.truncate_prompt_tokens is None else None)]
+    prompts = [body.truncate((state.tokenizer.encode(text, add_special_tokens=False), text), state.max_model_len)]
     mt_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(state, prompts, body.requested_max_tokens, mt_field, "messages")
     top_n = body.top_logprobs or 0
